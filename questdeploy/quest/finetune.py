@@ -1,0 +1,232 @@
+"""QuEST: PTQ initialisation, then selective finetuning with local + global supervision.
+
+Method (see shared notes, quest-method.md):
+* PTQ: weight scales by an L_p grid search, activation scale tables per timestep group from the
+  FP trajectory; weight scales are frozen afterwards (the integer weight is re-derived from the
+  finetuned FP weight with the frozen scale).
+* TLA: train the ResNets' ``time_emb_proj`` weights/bias and their activation scales, group by group.
+* CMA: train the attention-sensitive layers (feed-forward) plus every activation scale of the
+  current group except the time-embedding ones; one weight optimizer across groups, a fresh scale
+  optimizer per group (so only that group's row of each table moves).
+* Loss: ``w_local * sum_l MSE(layer_l) + w_global * MSE(noise prediction)`` against the FP teacher.
+
+``full`` trains every weight and every activation scale with the same losses and schedule (the
+costlier EfficientDM-style baseline); ``ptq`` stops after initialisation.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from ..quant.quantizers import ActQuantizer
+from ..quant.wrap import QuantConfig, QuantizedUNet, quantize_unet
+from .selection import SelectionPolicy
+
+METHODS = ("ptq", "quest", "full")
+_BITS = re.compile(r"^w(4|8)a(4|8|16)$")
+
+
+def parse_bits(bits: str) -> tuple[int, int | None]:
+    """'w4a8' -> (4, 8); 'w4a16' -> (4, None) (weight-only)."""
+    m = _BITS.match(bits.strip().lower())
+    if not m:
+        raise ConfigError(f"unsupported --bits {bits!r}.",
+                          hint="use w8a8, w4a8 or w4a4 (w8a16 / w4a16 for weight-only).")
+    a = int(m.group(2))
+    return int(m.group(1)), (None if a == 16 else a)
+
+
+@dataclass
+class FinetuneConfig:
+    bits: str = "w4a8"
+    method: str = "quest"
+    num_groups: int = 10
+    weight_granularity: str = "per_channel"
+    block_size: int = 32
+    target: str = "ort"
+    calib_samples_per_step: int = 64   # samples of each calibration step used for scale initialisation
+    batch_size: int = 32
+    tla_iters_per_group: int = 40
+    cma_epochs: int = 2
+    cma_iters_per_group: int = 40
+    lr_weights: float = 1e-4
+    lr_scales: float = 1e-3
+    w_local: float = 1.0
+    w_global: float = 2.0
+    policy: SelectionPolicy = field(default_factory=SelectionPolicy)
+
+    def __post_init__(self):
+        parse_bits(self.bits)
+        if isinstance(self.policy, dict):
+            self.policy = SelectionPolicy(**{k: tuple(v) for k, v in self.policy.items()})
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}.", hint=f"use one of {', '.join(METHODS)}.")
+        if not 1 <= self.num_groups <= 1000:
+            raise ConfigError(f"--groups {self.num_groups} is out of range.", hint="use 1..1000 timestep groups (1 = one static scale).")
+        for k in ("batch_size", "calib_samples_per_step"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be positive.", hint="e.g. --batch-size 32.")
+        if min(self.tla_iters_per_group, self.cma_epochs, self.cma_iters_per_group) < 0:
+            raise ConfigError("iteration counts must be >= 0.", hint="e.g. --tla-iters 40 --cma-iters 40.")
+
+    def quant_config(self, num_train_timesteps: int) -> QuantConfig:
+        w, a = parse_bits(self.bits)
+        gran = self.weight_granularity if w == 4 else "per_channel"
+        return QuantConfig(w_bits=w, a_bits=a, weight_granularity=gran, block_size=self.block_size,
+                           num_groups=self.num_groups, num_train_timesteps=num_train_timesteps,
+                           method=self.method, target=self.target)
+
+
+class _Capture:
+    """Forward hooks that keep the outputs of named modules (the local-supervision taps)."""
+
+    def __init__(self, root: nn.Module, names: list[str]):
+        self.out: dict[str, torch.Tensor] = {}
+        mods = dict(root.named_modules())
+        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name):
+        def fn(_m, _i, o):
+            self.out[name] = o
+
+        return fn
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _group_of_steps(calib, bins) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(calib.timesteps):
+        groups.setdefault(int(bins.group(t)), []).append(i)
+    return groups
+
+
+class _Batches:
+    """Seeded minibatches of (x_t, t, cond, FP eps) from one calibration step of a group."""
+
+    def __init__(self, calib, batch_size: int, seed: int):
+        self.calib = calib
+        self.bs = batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def step(self, i):
+        if i not in self.cache:
+            self.cache[i] = self.calib.step(i)
+        return self.cache[i]
+
+    def draw(self, steps: list[int]):
+        i = steps[int(torch.randint(len(steps), (1,), generator=self.gen))]
+        x, eps = self.step(i)
+        idx = torch.randperm(x.shape[0], generator=self.gen)[: self.bs]
+        cond = None if self.calib.cond is None else self.calib.cond[idx]
+        t = torch.full((len(idx),), self.calib.timesteps[i], dtype=torch.long)
+        return x[idx], t, cond, eps[idx]
+
+
+def initialise(fp_unet: nn.Module, calib, cfg: FinetuneConfig, num_train_timesteps: int) -> QuantizedUNet:
+    """PTQ: wrap a copy of the FP UNet and set weight scales and per-group activation scale tables."""
+    qunet = quantize_unet(fp_unet, cfg.quant_config(num_train_timesteps))
+    n = cfg.calib_samples_per_step
+
+    def batches():
+        for i, t in enumerate(calib.timesteps):
+            x, _ = calib.step(i)
+            cond = None if calib.cond is None else calib.cond[:n]
+            yield x[:n], torch.full((min(n, x.shape[0]),), t, dtype=torch.long), cond
+
+    qunet.calibrate_activations(batches())
+    return qunet
+
+
+def _loss(qunet, fp_unet, batch, taps, w_local, w_global):
+    x, t, cond, eps_fp = batch
+    kwargs = {} if cond is None else {"encoder_hidden_states": cond}
+    fp_cap = _Capture(fp_unet, taps)
+    with torch.no_grad():
+        fp_unet(x, t, **kwargs)
+    fp_cap.close()
+    q_cap = _Capture(qunet.unet, taps)
+    out = qunet(x, t, cond)
+    q_cap.close()
+    local = sum(nn.functional.mse_loss(q_cap.out[n], fp_cap.out[n]) for n in taps) if taps else out.new_zeros(())
+    glob = nn.functional.mse_loss(out, eps_fp)
+    return w_local * local + w_global * glob, float(local.detach()), float(glob.detach())
+
+
+def finetune(qunet: QuantizedUNet, fp_unet: nn.Module, calib, cfg: FinetuneConfig, seed: int = 0,
+             progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Run the selected method's finetuning in place; returns a report (layers, params, losses, time)."""
+    started = time.time()
+    if cfg.method == "ptq":
+        return {"trainable_params": 0, "total_params": _count(qunet), "seconds": 0.0, "phases": []}
+    layers = qunet.quant_layers()
+    tla, cma = cfg.policy.select(layers)
+    act = {n: q for n, q in qunet.quantizers().items() if isinstance(q, ActQuantizer)}
+    tla_scales = [q.scales for n, q in act.items() if any(n.startswith(l + ".") for l in tla)]
+    other_scales = [q.scales for n, q in act.items() if not any(n.startswith(l + ".") for l in tla)]
+    if cfg.method == "full":
+        weights = [p for l in layers.values() for p in (l.weight, l.bias) if p is not None]
+        phases = [("full", weights, tla_scales + other_scales, tla + cma, cfg.tla_iters_per_group + cfg.cma_epochs * cfg.cma_iters_per_group, 1)]
+    else:
+        tla_w = [p for n in tla for p in (layers[n].weight, layers[n].bias) if p is not None]
+        cma_w = [p for n in cma for p in (layers[n].weight, layers[n].bias) if p is not None]
+        phases = [("tla", tla_w, tla_scales, tla, cfg.tla_iters_per_group, 1),
+                  ("cma", cma_w, other_scales, cma, cfg.cma_iters_per_group, cfg.cma_epochs)]
+    qunet.requires_grad_(False)
+    trainable = {id(p): p for _, w, s, *_ in phases for p in (*w, *s)}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    fp_unet.requires_grad_(False)
+    groups = _group_of_steps(calib, qunet.bins)
+    order = sorted(groups, reverse=True)  # sampling order: high noise first
+    batches = _Batches(calib, cfg.batch_size, seed)
+    report = {"tla_layers": tla, "cma_layers": cma, "phases": []}
+    total_iters = sum(iters * epochs * len(order) for *_, iters, epochs in phases)
+    bar = tqdm(total=total_iters, desc=f"finetune ({cfg.method})", disable=not progress)
+    qunet.train()
+    for name, weights, scales, taps, iters, epochs in phases:
+        opt_w = torch.optim.Adam(weights, lr=cfg.lr_weights) if weights else None
+        losses = []
+        for _ in range(epochs):
+            for g in order:
+                qunet.set_timestep_group(g)
+                opt_s = torch.optim.Adam(scales, lr=cfg.lr_scales) if scales else None
+                for _ in range(iters):
+                    loss, loc, glob = _loss(qunet, fp_unet, batches.draw(groups[g]), taps, cfg.w_local, cfg.w_global)
+                    for opt in (opt_w, opt_s):
+                        if opt:
+                            opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for opt in (opt_w, opt_s):
+                        if opt:
+                            opt.step()
+                    with torch.no_grad():
+                        for s in scales:
+                            s.clamp_(min=1e-8)
+                    losses.append(float(loss.detach()))
+                    bar.update(1)
+                    bar.set_postfix(phase=name, group=g, loss=f"{losses[-1]:.4g}")
+        report["phases"].append({"name": name, "iterations": len(losses), "first_loss": losses[0] if losses else None,
+                                 "last_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1) if losses else None})
+    bar.close()
+    qunet.eval()
+    qunet.requires_grad_(False)
+    report["trainable_params"] = sum(p.numel() for p in trainable.values())
+    report["total_params"] = _count(qunet)
+    report["seconds"] = round(time.time() - started, 2)
+    return report
+
+
+def _count(qunet) -> int:
+    return sum(p.numel() for n, p in qunet.unet.named_parameters() if "quantizer" not in n)

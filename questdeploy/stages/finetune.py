@@ -1,0 +1,43 @@
+"""Finetune stage: PTQ initialisation + the chosen method (quest / full / ptq) -> a checkpoint.
+
+Output ``finetune/checkpoint/`` (``quant_spec.json`` + ``model.safetensors``) and ``report.json`` with the
+trained layers, parameter counts, losses, wall time and peak RSS; export consumes the checkpoint as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+from pathlib import Path
+
+from ..quest.finetune import FinetuneConfig, finetune, initialise
+from .base import Stage, StageContext
+from .calibrate import CalibrationData
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def execute(ctx: StageContext, cfg: FinetuneConfig, out: Path) -> dict:
+    from ..quant.spec import save_checkpoint
+
+    calib = CalibrationData(ctx.run.stage_dir("calibrate"))
+    started = time.time()
+    qunet = initialise(ctx.model.unet, calib, cfg, ctx.model.num_train_timesteps)
+    init_s = time.time() - started
+    report = finetune(qunet, ctx.model.unet, calib, cfg, seed=ctx.seed, progress=ctx.progress, log=ctx.log)
+    report.update({"init_seconds": round(init_s, 2), "total_seconds": round(time.time() - started, 2),
+                   "peak_rss_mib": round(peak_rss_mib(), 1)})
+    meta = {"method": cfg.method, "bits": cfg.bits, "model_id": ctx.model.model_id, "seed": ctx.seed,
+            "finetune_config": dataclasses.asdict(cfg), "calibration_timesteps": calib.timesteps}
+    save_checkpoint(qunet, out / "checkpoint", extra_meta=meta)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return {"method": cfg.method, "bits": cfg.bits, "trainable_params": report["trainable_params"],
+            "total_params": report["total_params"], "finetune_seconds": report.get("seconds"),
+            "total_seconds": report["total_seconds"], "peak_rss_mib": report["peak_rss_mib"]}
+
+
+STAGE = Stage("finetune", ("calibrate",), execute, "quantize and selectively finetune (QuEST) into a checkpoint")
