@@ -13,6 +13,9 @@ import click
 
 from . import __version__
 from .errors import QuestDeployError
+from .quest.finetune import FinetuneConfig
+
+_FT = FinetuneConfig()  # --help shows the dataclass defaults, so they cannot drift
 
 DEFAULT_RUN_DIR = Path("runs") / "default"
 
@@ -126,6 +129,82 @@ def eval_cmd(num_samples, steps, batch_size, quantized, **common):
 
     cfg = EvalConfig(num_samples=num_samples, steps=steps, batch_size=batch_size, quantized=quantized)
     _run_one(common, STAGE_QUANT if quantized else STAGE_FP, cfg)
+
+
+EPILOG_FINETUNE = """\b
+Examples:
+  questdeploy finetune                          # QuEST W4A8 on the default model (needs calibrate)
+  questdeploy finetune --bits w8a8 --method ptq --run-dir runs/w8a8-ptq
+  questdeploy finetune --bits w4a4 --groups 20 --tla-iters 80 --cma-iters 80
+"""
+
+EPILOG_RUN = """\b
+Examples:
+  questdeploy run                               # everything on the default model into runs/default
+  questdeploy run --model ./my-pipeline --bits w8a8 --target trt --run-dir runs/mine
+Stages that are up to date are skipped; an interrupted run resumes where it stopped.
+"""
+
+
+def finetune_options(f):
+    """Options of the finetune stage, shared by `finetune` and `run`."""
+    for opt in reversed([
+        click.option("--bits", default="w4a8", show_default=True, help="Weight/activation bits: w8a8, w4a8, w4a4 (w4a16/w8a16 weight-only)."),
+        click.option("--method", type=click.Choice(["quest", "ptq", "full"]), default="quest", show_default=True,
+                     help="quest: selective finetuning; ptq: calibration only; full: finetune everything (baseline)."),
+        click.option("--groups", "num_groups", type=int, default=10, show_default=True,
+                     help="Timestep groups (bins over the training timesteps); 1 = one static scale."),
+        click.option("--weight-granularity", type=click.Choice(["per_channel", "per_block"]), default="per_channel", show_default=True,
+                     help="INT4 weights: per output channel, or block-wise along the input dim (Linear layers)."),
+        click.option("--block-size", type=int, default=32, show_default=True, help="Block size for per_block INT4 weights."),
+        click.option("--tla-iters", "tla_iters_per_group", type=int, default=_FT.tla_iters_per_group, show_default=True,
+                     help="Time-embedding-aware finetuning iterations per group."),
+        click.option("--cma-iters", "cma_iters_per_group", type=int, default=_FT.cma_iters_per_group, show_default=True,
+                     help="Attention finetuning iterations per group and epoch."),
+        click.option("--cma-epochs", type=int, default=_FT.cma_epochs, show_default=True),
+        click.option("--lr-weights", type=float, default=_FT.lr_weights, show_default=True),
+        click.option("--lr-scales", type=float, default=_FT.lr_scales, show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _finetune_config(target: str = "ort", **kw):
+    return FinetuneConfig(target=target, **kw)
+
+
+@cli.command(epilog=EPILOG_FINETUNE)
+@common_options
+@finetune_options
+def finetune(run_dir, model, conditioning, seed, force, quiet, **ft):
+    """Quantize (PTQ init) and selectively finetune with QuEST into a checkpoint (weights + JSON spec)."""
+    from .stages.finetune import STAGE
+
+    _run_one(dict(run_dir=run_dir, model=model, conditioning=conditioning, seed=seed, force=force, quiet=quiet),
+             STAGE, _finetune_config(**ft))
+
+
+@cli.command(epilog=EPILOG_RUN)
+@common_options
+@finetune_options
+@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="ONNX graph form: ort (Gather-scale Q/DQ, fused by onnxruntime) or trt (constant-scale Q/DQ for TensorRT).")
+@click.option("--calib-steps", type=int, default=25, show_default=True, help="DDIM steps of the calibration trajectory.")
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--eval-samples", type=int, default=500, show_default=True)
+def run(run_dir, model, conditioning, seed, force, quiet, target, calib_steps, calib_samples, eval_samples, **ft):
+    """Run the whole stage graph, skipping what is up to date and resuming what was interrupted."""
+    from .pipeline import run_all
+
+    common = dict(run_dir=run_dir, model=model, conditioning=conditioning, seed=seed, force=force, quiet=quiet)
+    ctx = _context(**common)
+    with ctx.run.locked():
+        ctx.run.bind_model(ctx.model.model_id, ctx.model.path)
+        _warn_drift(ctx.run)
+        for res in run_all(ctx, finetune=_finetune_config(target=target, **ft), target=target,
+                           calib_steps=calib_steps, calib_samples=calib_samples, eval_samples=eval_samples):
+            _report(res)
+    click.echo(f"run finished: {ctx.run.path}")
 
 
 def main(argv: list[str] | None = None) -> int:
