@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny test models gain nothing from intra-op threads; one thread avoids oversubscribing 2-core CI.
+torch.set_num_threads(1)
+
 
 def make_tiny_cond_pipeline(root: Path, seed: int = 0) -> Path:
     """A pipeline folder (unet/, scheduler/, class_embeddings/) shaped like the embedded default model."""

@@ -1,0 +1,133 @@
+"""The stage graph end to end on a tiny model: calibrate -> finetune -> eval, skipping, resuming, errors."""
+
+import json
+
+import pytest
+import torch
+
+from questdeploy.errors import ConfigError, DataError, StageNotReadyError
+from questdeploy.models import load_model
+from questdeploy.quest.finetune import FinetuneConfig, parse_bits
+from questdeploy.runfolder import RunFolder
+from questdeploy.stages import calibrate, evaluate, finetune
+from questdeploy.stages.base import StageContext, run_stage
+
+TINY_FT = dict(num_groups=3, tla_iters_per_group=2, cma_iters_per_group=2, cma_epochs=1, batch_size=4, calib_samples_per_step=4)
+
+
+@pytest.fixture()
+def ctx(tmp_path, tiny_cond_pipeline):
+    run = RunFolder(tmp_path / "run")
+    m = load_model(tiny_cond_pipeline)
+    run.bind_model(m.model_id, m.path)
+    return StageContext(run=run, model=m, seed=0, progress=False, log=lambda s: None)
+
+
+def _calibrate(ctx, **kw):
+    return run_stage(ctx, calibrate.STAGE, calibrate.CalibrateConfig(steps=4, num_samples=6, batch_size=4, **kw))
+
+
+def test_calibrate_records_the_trajectory(ctx):
+    res = _calibrate(ctx)
+    data = calibrate.CalibrationData(res.outputs)
+    assert len(data) == 4 and data.timesteps == sorted(data.timesteps, reverse=True)
+    x0, eps0 = data.step(0)
+    assert x0.shape == (6, 1, 8, 8) and eps0.shape == x0.shape
+    # the sample stored with t_k is the one the UNet saw with t_k: re-running the UNet reproduces eps
+    cond = data.cond
+    with torch.no_grad():
+        again = ctx.model.unet(x0, torch.full((6,), data.timesteps[0]), encoder_hidden_states=cond).sample
+    torch.testing.assert_close(again, eps0, rtol=1e-4, atol=1e-5)
+    x1, eps1 = data.step(1)
+    with torch.no_grad():
+        again1 = ctx.model.unet(x1, torch.full((6,), data.timesteps[1]), encoder_hidden_states=cond).sample
+    torch.testing.assert_close(again1, eps1, rtol=1e-4, atol=1e-5)
+
+
+def test_up_to_date_stage_is_skipped_and_config_change_reruns(ctx):
+    assert not _calibrate(ctx).skipped
+    assert _calibrate(ctx).skipped
+    res = run_stage(ctx, calibrate.STAGE, calibrate.CalibrateConfig(steps=3, num_samples=6, batch_size=4))
+    assert not res.skipped and len(calibrate.CalibrationData(res.outputs)) == 3
+
+
+def test_finetune_needs_calibration(ctx):
+    with pytest.raises(StageNotReadyError, match="needs the outputs of 'calibrate'") as ei:
+        run_stage(ctx, finetune.STAGE, FinetuneConfig(**TINY_FT))
+    assert "questdeploy calibrate" in ei.value.hint
+
+
+@pytest.mark.parametrize("method", ["ptq", "quest", "full"])
+def test_finetune_methods_write_a_checkpoint(ctx, method):
+    _calibrate(ctx)
+    res = run_stage(ctx, finetune.STAGE, FinetuneConfig(method=method, **TINY_FT))
+    ck = res.outputs / "checkpoint"
+    spec = json.loads((ck / "quant_spec.json").read_text())
+    assert (ck / "model.safetensors").is_file() and spec
+    report = json.loads((res.outputs / "report.json").read_text())
+    if method == "ptq":
+        assert report["trainable_params"] == 0
+    elif method == "quest":
+        assert 0 < report["trainable_params"] < 0.5 * report["total_params"]
+        assert report["tla_layers"] and report["cma_layers"]
+    else:
+        assert report["trainable_params"] > 0.9 * report["total_params"]
+
+
+def test_quest_changes_only_selected_layers(ctx):
+    from safetensors.torch import load_file
+
+    _calibrate(ctx)
+    ptq = run_stage(ctx, finetune.STAGE, FinetuneConfig(method="ptq", **TINY_FT))
+    a = load_file(str(ptq.outputs / "checkpoint" / "model.safetensors"))
+    q = run_stage(ctx, finetune.STAGE, FinetuneConfig(method="quest", **TINY_FT))
+    b = load_file(str(q.outputs / "checkpoint" / "model.safetensors"))
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    weights_changed = {k for k in changed if "quantizer" not in k}
+    assert weights_changed, "finetuning changed nothing"
+    assert all("time_emb_proj" in k or ".ff.net." in k for k in weights_changed), weights_changed
+    assert not any("weight_quantizer" in k for k in changed), "weight scales must stay frozen"
+
+
+def test_finetune_is_deterministic(ctx, tmp_path):
+    from questdeploy.runfolder import sha256_file
+
+    _calibrate(ctx)
+    h = []
+    for _ in range(2):
+        res = run_stage(ctx, finetune.STAGE, FinetuneConfig(method="quest", **TINY_FT))
+        h.append(sha256_file(res.outputs / "checkpoint" / "model.safetensors"))
+        ctx.run.invalidate("finetune")
+    assert h[0] == h[1]
+
+
+def test_eval_quantized_compares_with_fp(ctx):
+    _calibrate(ctx)
+    run_stage(ctx, finetune.STAGE, FinetuneConfig(method="ptq", bits="w8a8", **TINY_FT))
+    res = run_stage(ctx, evaluate.STAGE_QUANT, evaluate.EvalConfig(num_samples=8, steps=3, batch_size=8, quantized=True))
+    m = json.loads((res.outputs / "metrics.json").read_text())
+    assert m["quantized"]["psnr_vs_fp_db"] > 10
+    for png in ("samples_fp.png", "samples_quantized.png", "compare_fp_vs_quantized.png"):
+        assert (res.outputs / png).stat().st_size > 100
+
+
+def test_nan_in_calibration_data_is_refused(ctx):
+    from safetensors.torch import load_file, save_file
+
+    res = _calibrate(ctx)
+    f = res.outputs / "steps" / "step_001.safetensors"
+    d = load_file(str(f))
+    d["sample"][0, 0, 0, 0] = float("nan")
+    save_file(d, str(f))
+    with pytest.raises(DataError, match="NaN"):
+        calibrate.CalibrationData(res.outputs).step(1)
+
+
+@pytest.mark.parametrize("bits", ["w3a5", "w8", "a8w8", "w16a16", ""])
+def test_bad_bits(bits):
+    with pytest.raises(ConfigError, match="unsupported --bits"):
+        parse_bits(bits)
+
+
+def test_good_bits():
+    assert parse_bits("W4A8") == (4, 8) and parse_bits("w8a16") == (8, None)
