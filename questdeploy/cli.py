@@ -6,6 +6,7 @@ Nothing here computes anything; each command builds a stage config and calls ``r
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
 
@@ -164,6 +165,8 @@ def finetune_options(f):
         click.option("--cma-epochs", type=int, default=_FT.cma_epochs, show_default=True),
         click.option("--lr-weights", type=float, default=_FT.lr_weights, show_default=True),
         click.option("--lr-scales", type=float, default=_FT.lr_scales, show_default=True),
+        click.option("--checkpoint-every", type=int, default=_FT.checkpoint_every, show_default=True,
+                     help="Iterations between resume points; an interrupted finetune continues from the last one."),
     ]):
         f = opt(f)
     return f
@@ -207,8 +210,13 @@ def run(run_dir, model, conditioning, seed, force, quiet, target, calib_steps, c
     click.echo(f"run finished: {ctx.run.path}")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors end in one line on stderr and a non-zero exit, never a traceback."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans up like Ctrl-C
     try:
         cli.main(args=argv, prog_name="questdeploy", standalone_mode=False)
     except QuestDeployError as e:

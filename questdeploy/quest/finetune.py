@@ -16,8 +16,10 @@ costlier EfficientDM-style baseline); ``ptq`` stops after initialisation.
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -61,6 +63,7 @@ class FinetuneConfig:
     lr_scales: float = 1e-3
     w_local: float = 1.0
     w_global: float = 2.0
+    checkpoint_every: int = 25         # iterations between resume points (0 = never)
     policy: SelectionPolicy = field(default_factory=SelectionPolicy)
 
     def __post_init__(self):
@@ -165,8 +168,14 @@ def _loss(qunet, fp_unet, batch, taps, w_local, w_global):
 
 
 def finetune(qunet: QuantizedUNet, fp_unet: nn.Module, calib, cfg: FinetuneConfig, seed: int = 0,
-             progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Run the selected method's finetuning in place; returns a report (layers, params, losses, time)."""
+             progress: bool = True, log: Callable[[str], None] = print, resume: Path | None = None,
+             checkpoint_every: int = 0) -> dict:
+    """Run the selected method's finetuning in place; returns a report (layers, params, losses, time).
+
+    With ``resume`` set, the training state (trained tensors, optimizers, sampling RNG, iteration) is
+    saved there every ``checkpoint_every`` iterations, and a run that finds the file continues from it
+    to the same result, bit for bit on CPU, as an uninterrupted run.
+    """
     started = time.time()
     if cfg.method == "ptq":
         return {"trainable_params": 0, "total_params": _count(qunet), "seconds": 0.0, "phases": []}
@@ -187,45 +196,84 @@ def finetune(qunet: QuantizedUNet, fp_unet: nn.Module, calib, cfg: FinetuneConfi
     trainable = {id(p): p for _, w, s, *_ in phases for p in (*w, *s)}
     for p in trainable.values():
         p.requires_grad_(True)
+    names = {id(p): n for n, p in qunet.named_parameters()}
     fp_unet.requires_grad_(False)
     groups = _group_of_steps(calib, qunet.bins)
     order = sorted(groups, reverse=True)  # sampling order: high noise first
     batches = _Batches(calib, cfg.batch_size, seed)
-    report = {"tla_layers": tla, "cma_layers": cma, "phases": []}
-    total_iters = sum(iters * epochs * len(order) for *_, iters, epochs in phases)
-    bar = tqdm(total=total_iters, desc=f"finetune ({cfg.method})", disable=not progress)
+    # One flat plan of iterations, so an interrupted run can restart at any iteration:
+    # (phase index, group, first iteration of the phase, first iteration of the (epoch, group) segment)
+    plan = []
+    for pi, (_, _, _, _, iters, epochs) in enumerate(phases):
+        for e in range(epochs):
+            for gi, g in enumerate(order):
+                plan += [(pi, g, e == 0 and gi == 0 and it == 0, it == 0) for it in range(iters)]
+    losses: dict[str, list[float]] = {ph[0]: [] for ph in phases}
+    k0, saved = 0, None
+    if resume is not None and resume.exists():
+        saved = torch.load(resume, weights_only=False)
+        k0 = saved["k"]
+        losses = saved["losses"]
+        by_name = dict(qunet.named_parameters())
+        with torch.no_grad():
+            for n, t in saved["params"].items():
+                by_name[n].copy_(t)
+        batches.gen.set_state(saved["gen"])
+        log(f"finetune: resuming at iteration {k0} of {len(plan)} from {resume}")
+    bar = tqdm(total=len(plan), initial=k0, desc=f"finetune ({cfg.method})", disable=not progress)
     qunet.train()
-    for name, weights, scales, taps, iters, epochs in phases:
-        opt_w = torch.optim.Adam(weights, lr=cfg.lr_weights) if weights else None
-        losses = []
-        for _ in range(epochs):
-            for g in order:
-                qunet.set_timestep_group(g)
-                opt_s = torch.optim.Adam(scales, lr=cfg.lr_scales) if scales else None
-                for _ in range(iters):
-                    loss, loc, glob = _loss(qunet, fp_unet, batches.draw(groups[g]), taps, cfg.w_local, cfg.w_global)
-                    for opt in (opt_w, opt_s):
-                        if opt:
-                            opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    for opt in (opt_w, opt_s):
-                        if opt:
-                            opt.step()
-                    with torch.no_grad():
-                        for s in scales:
-                            s.clamp_(min=1e-8)
-                    losses.append(float(loss.detach()))
-                    bar.update(1)
-                    bar.set_postfix(phase=name, group=g, loss=f"{losses[-1]:.4g}")
-        report["phases"].append({"name": name, "iterations": len(losses), "first_loss": losses[0] if losses else None,
-                                 "last_loss": sum(losses[-20:]) / max(len(losses[-20:]), 1) if losses else None})
+    opt_w = opt_s = None
+    for k in range(k0, len(plan)):
+        pi, g, first_of_phase, first_of_segment = plan[k]
+        name, weights, scales, taps, _, _ = phases[pi]
+        if opt_w is None or first_of_phase:
+            opt_w = torch.optim.Adam(weights, lr=cfg.lr_weights) if weights else None
+            if saved is not None and not first_of_phase and opt_w is not None:
+                opt_w.load_state_dict(saved["opt_w"])
+        if opt_s is None or first_of_segment:
+            qunet.set_timestep_group(g)
+            opt_s = torch.optim.Adam(scales, lr=cfg.lr_scales) if scales else None
+            if saved is not None and not first_of_segment and opt_s is not None:
+                opt_s.load_state_dict(saved["opt_s"])
+        saved = None
+        loss, _, _ = _loss(qunet, fp_unet, batches.draw(groups[g]), taps, cfg.w_local, cfg.w_global)
+        for opt in (opt_w, opt_s):
+            if opt:
+                opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in (opt_w, opt_s):
+            if opt:
+                opt.step()
+        with torch.no_grad():
+            for sc in scales:
+                sc.clamp_(min=1e-8)
+        losses[name].append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(phase=name, group=g, loss=f"{losses[name][-1]:.4g}")
+        if resume is not None and checkpoint_every and (k + 1) % checkpoint_every == 0 and k + 1 < len(plan):
+            _save_resume(resume, {
+                "k": k + 1, "losses": losses, "gen": batches.gen.get_state(),
+                "params": {names[id(p)]: p.detach().clone() for p in trainable.values()},
+                "opt_w": opt_w.state_dict() if opt_w else None, "opt_s": opt_s.state_dict() if opt_s else None,
+            })
     bar.close()
+    report = {"tla_layers": tla, "cma_layers": cma, "phases": [
+        {"name": n, "iterations": len(v), "first_loss": v[0] if v else None,
+         "last_loss": sum(v[-20:]) / len(v[-20:]) if v else None} for n, v in losses.items()]}
     qunet.eval()
     qunet.requires_grad_(False)
     report["trainable_params"] = sum(p.numel() for p in trainable.values())
     report["total_params"] = _count(qunet)
     report["seconds"] = round(time.time() - started, 2)
     return report
+
+
+def _save_resume(path, state: dict) -> None:
+    """Atomic: a kill during the write leaves the previous resume point intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def _count(qunet) -> int:

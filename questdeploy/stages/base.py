@@ -30,6 +30,8 @@ class StageContext:
     progress: bool = True
     force: bool = False
     log: Callable[[str], None] = print
+    fingerprint: str = ""  # of the stage now running: keys its resume state
+    on_success: list = field(default_factory=list)  # run after the stage's outputs are committed
 
 
 @dataclass
@@ -81,8 +83,11 @@ def run_stage(ctx: StageContext, stage: Stage, config: Any) -> StageResult:
     record = {"config": cfg, "fingerprint": fp, "seed": ctx.seed,
               "inputs": {dep: ctx.run.output_digest(dep) for dep in stage.inputs}}
     started = time.time()
+    ctx.fingerprint, ctx.on_success = fp, []
     with ctx.run.stage_output(stage.name, record) as tmp:
         summary = stage.execute(ctx, config, tmp)
         record["summary"] = summary
         record["wall_seconds"] = round(time.time() - started, 3)
+    for fn in ctx.on_success:
+        fn()
     return StageResult(stage.name, False, summary, ctx.run.stage_dir(stage.name))

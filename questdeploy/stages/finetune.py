@@ -28,13 +28,16 @@ def execute(ctx: StageContext, cfg: FinetuneConfig, out: Path) -> dict:
     started = time.time()
     qunet = initialise(ctx.model.unet, calib, cfg, ctx.model.num_train_timesteps)
     init_s = time.time() - started
-    report = finetune(qunet, ctx.model.unet, calib, cfg, seed=ctx.seed, progress=ctx.progress, log=ctx.log)
+    resume = ctx.run.path / ".resume" / f"finetune-{ctx.fingerprint[:16]}.pt"
+    report = finetune(qunet, ctx.model.unet, calib, cfg, seed=ctx.seed, progress=ctx.progress, log=ctx.log,
+                      resume=resume, checkpoint_every=cfg.checkpoint_every)
     report.update({"init_seconds": round(init_s, 2), "total_seconds": round(time.time() - started, 2),
                    "peak_rss_mib": round(peak_rss_mib(), 1)})
     meta = {"method": cfg.method, "bits": cfg.bits, "model_id": ctx.model.model_id, "seed": ctx.seed,
             "finetune_config": dataclasses.asdict(cfg), "calibration_timesteps": calib.timesteps}
     save_checkpoint(qunet, out / "checkpoint", extra_meta=meta)
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    ctx.on_success.append(lambda: resume.unlink(missing_ok=True))
     return {"method": cfg.method, "bits": cfg.bits, "trainable_params": report["trainable_params"],
             "total_params": report["total_params"], "finetune_seconds": report.get("seconds"),
             "total_seconds": report["total_seconds"], "peak_rss_mib": report["peak_rss_mib"]}
