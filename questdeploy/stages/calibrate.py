@@ -11,6 +11,8 @@ done inside the UNet call hook, so the off-by-one of pairing x_{k+1} with t_k ca
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,18 +44,27 @@ def _labels(ctx: StageContext, n: int) -> torch.Tensor:
 
 
 def execute(ctx: StageContext, cfg: CalibrateConfig, out: Path) -> dict:
+    """Record the trajectory; finished steps go to a resume folder first, so a killed run continues there."""
     model = ctx.model
     labels = _labels(ctx, cfg.num_samples)
     cond = model.conditioner(labels)
-    g = torch.Generator().manual_seed(ctx.seed)
-    x = torch.randn((cfg.num_samples, *model.sample_shape), generator=g)
     sched = make_scheduler(model.scheduler_config, cfg.steps)
-    x = x * sched.init_noise_sigma
+    partial = ctx.run.path / ".resume" / f"calibrate-{ctx.fingerprint[:16]}"
+    (partial / "steps").mkdir(parents=True, exist_ok=True)
+    start = 0
+    if (partial / "next.safetensors").is_file():
+        state = load_file(str(partial / "next.safetensors"))
+        start, x = int(state["step"]), state["x"]
+        ctx.log(f"calibrate: resuming at step {start} of {cfg.steps}")
+    else:
+        g = torch.Generator().manual_seed(ctx.seed)
+        x = torch.randn((cfg.num_samples, *model.sample_shape), generator=g) * sched.init_noise_sigma
     eps_fn = unet_eps_fn(model.unet)
-    (out / "steps").mkdir()
-    timesteps = []
+    timesteps = [int(t) for t in sched.timesteps]
     with torch.no_grad():
-        for i, t in enumerate(tqdm(sched.timesteps, desc="calibrate", disable=not ctx.progress)):
+        for i in tqdm(range(start, len(timesteps)), desc="calibrate", disable=not ctx.progress,
+                      initial=start, total=len(timesteps)):
+            t = sched.timesteps[i]
             eps = torch.cat([
                 eps_fn(x[s:s + cfg.batch_size], t.expand(min(cfg.batch_size, cfg.num_samples - s)),
                        None if cond is None else cond[s:s + cfg.batch_size])
@@ -64,9 +75,11 @@ def execute(ctx: StageContext, cfg: CalibrateConfig, out: Path) -> dict:
                     f"the FP model produced NaN/Inf at sampler step {i} (t={int(t)}).",
                     hint="check the model weights load correctly (NaN weights?) and the scheduler config.",
                 )
-            save_file({"sample": x.contiguous(), "eps": eps.contiguous()}, str(out / "steps" / f"step_{i:03d}.safetensors"))
-            timesteps.append(int(t))
+            save_file({"sample": x.contiguous(), "eps": eps.contiguous()}, str(partial / "steps" / f"step_{i:03d}.safetensors"))
             x = sched.step(eps, t, x, eta=0.0).prev_sample
+            save_file({"x": x.contiguous(), "step": torch.tensor(i + 1)}, str(partial / "next.tmp"))
+            os.replace(partial / "next.tmp", partial / "next.safetensors")
+    os.replace(partial / "steps", out / "steps")
     tensors = {"labels": labels}
     if cond is not None:
         tensors["encoder_hidden_states"] = cond.contiguous()
@@ -74,6 +87,7 @@ def execute(ctx: StageContext, cfg: CalibrateConfig, out: Path) -> dict:
     meta = {"steps": cfg.steps, "num_samples": cfg.num_samples, "timesteps": timesteps,
             "sample_shape": list(model.sample_shape), "num_train_timesteps": model.num_train_timesteps}
     (out / "calib.json").write_text(json.dumps(meta, indent=2))
+    ctx.on_success.append(lambda: shutil.rmtree(partial, ignore_errors=True))
     return {"steps": cfg.steps, "num_samples": cfg.num_samples, "timesteps": [timesteps[0], timesteps[-1]]}
 
 

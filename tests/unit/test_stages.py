@@ -131,3 +131,34 @@ def test_bad_bits(bits):
 
 def test_good_bits():
     assert parse_bits("W4A8") == (4, 8) and parse_bits("w8a16") == (8, None)
+
+
+def test_calibrate_resumes_per_step(ctx, monkeypatch):
+    """A calibration interrupted after step 2 continues there and gives the same data as one pass."""
+    from safetensors.torch import load_file
+
+    ref = _calibrate(ctx)
+    ref_steps = {p.name: load_file(str(p)) for p in (ref.outputs / "steps").iterdir()}
+    ctx.run.invalidate("calibrate")
+    calls = {"n": 0}
+    real_step = type(ctx.model.unet).forward
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 2 batches per step: dies during step 2
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(type(ctx.model.unet), "forward", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        _calibrate(ctx)
+    monkeypatch.setattr(type(ctx.model.unet), "forward", real_step)
+    assert not ctx.run.is_done("calibrate")
+    logs = []
+    ctx.log = logs.append
+    res = _calibrate(ctx)
+    assert any("resuming at step 2" in m for m in logs)
+    for p in (res.outputs / "steps").iterdir():
+        for k, v in load_file(str(p)).items():
+            assert torch.equal(v, ref_steps[p.name][k]), (p.name, k)
+    assert not list((ctx.run.path / ".resume").glob("calibrate-*"))
