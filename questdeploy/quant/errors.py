@@ -3,19 +3,16 @@
 Every user-facing error carries a ``hint``: one line that says what to do next. The classes also
 derive from the builtin exception a caller would naturally catch (``ValueError`` for bad input,
 ``RuntimeError`` for a model in the wrong state), so code that does not know questdeploy still works.
-``QuantError`` is meant to be re-parented onto the project-wide error base later.
+``QuantError`` derives from the project-wide ``QuestDeployError``, so the CLI prints it as one line.
 """
 
 from __future__ import annotations
 
+from ..errors import QuestDeployError
 
-class QuantError(Exception):
-    """Base of all quantization errors: a message plus an optional fix-it ``hint``."""
 
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
+class QuantError(QuestDeployError):
+    """Base of all quantization errors: a message plus an optional fix-it ``hint`` (see questdeploy.errors)."""
 
     def __str__(self) -> str:
         if self.hint:
