@@ -1,0 +1,78 @@
+"""Quality and cost of fp / ptq / full / quest at W8A8, W4A8, W4A4 on one model (default: embedded digits).
+
+Every finetune runs in its own process (fresh session, honest peak RSS), through the real CLI stages,
+from one shared calibration; methods are interleaved per bit setting so machine-speed drift hits all
+of them alike. Prints a Markdown table (the README's) and writes it with the raw figures as JSON.
+
+    python benchmarks/bench_quest.py                      # ~30-40 min on a 2-core CPU
+    python benchmarks/bench_quest.py --bits w4a8 --methods ptq,quest --eval-samples 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def cli(*args: str) -> None:
+    cmd = [sys.executable, "-m", "questdeploy.cli", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--out", default="runs/bench-quest")
+    ap.add_argument("--bits", default="w8a8,w4a8,w4a4")
+    ap.add_argument("--methods", default="ptq,quest,full")
+    ap.add_argument("--eval-samples", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extra", default="", help="extra finetune options, e.g. '--groups 20'")
+    a = ap.parse_args()
+    out = Path(a.out)
+    model = ["--model", a.model] if a.model else []
+    base = out / "base"
+    cli("calibrate", "--run-dir", str(base), "--seed", str(a.seed), "--quiet", *model)
+    cli("eval", "--run-dir", str(base), "--seed", str(a.seed), "--num-samples", str(a.eval_samples), "--quiet", *model)
+    fp = json.loads((base / "eval" / "metrics.json").read_text()).get("fp", {})
+    rows = [{"method": "fp", "bits": "w32a32", **fp, "psnr_vs_fp_db": float("inf")}]
+    for bits in a.bits.split(","):
+        for method in a.methods.split(","):
+            run = out / f"{bits}-{method}"
+            if run.exists():
+                shutil.rmtree(run)
+            shutil.copytree(base, run, ignore=shutil.ignore_patterns(".lock", "eval"))
+            t0 = time.time()
+            cli("finetune", "--run-dir", str(run), "--bits", bits, "--method", method, "--seed", str(a.seed), "--quiet",
+                *model, *a.extra.split())
+            wall = time.time() - t0
+            cli("eval", "--quantized", "--run-dir", str(run), "--seed", str(a.seed), "--num-samples", str(a.eval_samples),
+                "--quiet", *model)
+            rep = json.loads((run / "finetune" / "report.json").read_text())
+            q = json.loads((run / "eval-quantized" / "metrics.json").read_text())["quantized"]
+            rows.append({"method": method, "bits": bits, **q, "finetune_s": rep["total_seconds"], "process_s": round(wall, 1),
+                         "peak_rss_mib": rep["peak_rss_mib"], "trainable_params": rep["trainable_params"],
+                         "total_params": rep["total_params"]})
+            print(f"  {bits} {method}: {q} in {rep['total_seconds']} s", file=sys.stderr)
+    head = "| bits | method | FID-proxy ↓ | accuracy ↑ | PSNR vs FP (dB) ↑ | finetune time (s) | peak RSS (MiB) | trained params |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['bits']} | {r['method']} | {r.get('fid_proxy', float('nan')):.3f} | {r.get('classifier_accuracy', float('nan')):.3f} | "
+            f"{r['psnr_vs_fp_db']:.2f} | {r.get('finetune_s', 0):.1f} | {r.get('peak_rss_mib', 0):.0f} | "
+            f"{r.get('trainable_params', 0)} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "table.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
