@@ -27,14 +27,17 @@ class QuantAttnProcessor(nn.Module):
     """Drop-in processor for diffusers ``Attention`` (self- and cross-attention, 3-D or 4-D input).
 
     Children: ``q_quantizer``, ``k_quantizer``, ``v_quantizer`` (signed, ``bits``) and
-    ``probs_quantizer`` (unsigned, ``probs_bits``), each an ``ActQuantizer`` with ``num_groups`` rows.
+    ``probs_quantizer`` (unsigned unless ``probs_signed``, ``probs_bits``), each an ``ActQuantizer`` with ``num_groups`` rows.
     """
 
-    def __init__(self, num_groups: int = 1, bits: int = 8, probs_bits: int = 8, fallback=None, name: str = ""):
+    def __init__(self, num_groups: int = 1, bits: int = 8, probs_bits: int = 8, fallback=None, name: str = "",
+                 probs_signed: bool = False):
         super().__init__()
         self.q_quantizer = ActQuantizer(num_groups, bits, signed=True)
         self.k_quantizer = ActQuantizer(num_groups, bits, signed=True)
-        self.probs_quantizer = ActQuantizer(num_groups, probs_bits, signed=False, allowed_bits=(8, 16))
+        # unsigned uses all 8 bits for [0, 1]; TensorRT takes only signed int8 with zero point 0, so the
+        # trt target quantizes probabilities on the signed grid (7 bits of resolution, exactly exportable)
+        self.probs_quantizer = ActQuantizer(num_groups, probs_bits, signed=probs_signed, allowed_bits=(8, 16))
         self.v_quantizer = ActQuantizer(num_groups, bits, signed=True)
         # kept out of the module tree: the replaced processor is plain code, not state
         self._fallback = (fallback,)

@@ -446,7 +446,8 @@ def quantize_unet(unet: nn.Module, config: QuantConfig | None = None, *, inplace
             notes[f"{name}.processor"] = f"float attention (matches {pat!r})"
             continue
         fallback = mod.processor
-        proc = QuantAttnProcessor(G, attn_bits, config.probs_bits, fallback=fallback, name=f"{name}.processor")
+        proc = QuantAttnProcessor(G, attn_bits, config.probs_bits, fallback=fallback, name=f"{name}.processor",
+                                  probs_signed=config.target == "trt")
         for q in proc.quantizers().values():
             q.set_observer(config.act_observer, config.act_percentile, config.act_momentum)
         mod.set_processor(proc)
