@@ -278,13 +278,14 @@ def per_layer_compare(onnx_path, qunet, feed: dict, optimization: str = "off", t
     return rows
 
 
-def quantizer_exactness(onnx_path, qunet, feed: dict, optimization: str = "off") -> list[dict]:
+def quantizer_exactness(onnx_path, qunet, feed: dict, optimization: str = "off", backend: str = "onnxruntime") -> list[dict]:
     """Teacher-forced check of every activation Q/DQ in the exported graph, independent of upstream drift.
 
     Fetches each quantizer's float input ``x`` and integer output from the graph and recomputes
     ``clamp(round_half_even(x / s[g]))`` with NumPy, ``s[g]`` taken from ``qunet`` (the group of the feed's
     timestep; the static scale for a static export). Rows ``{"name", "elements", "mismatches"}``; any
     mismatch means a wrong scale, group, zero point, rounding mode or saturation range in the export.
+    ``backend``: ``"onnxruntime"`` (``optimization`` applies) or ``"reference"`` (``onnx.reference``).
     """
     import torch
 
@@ -312,8 +313,14 @@ def quantizer_exactness(onnx_path, qunet, feed: dict, optimization: str = "off")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "q.onnx"
         onnx.save_model(ext, str(path), save_as_external_data=True, location="q.onnx.data")
-        with OnnxRuntimeRunner(path, optimization=optimization) as r:
-            got = r.infer(feed)
+        if backend == "reference":
+            from questdeploy.runners.reference import ReferenceRunner
+
+            runner = ReferenceRunner(path)
+        else:
+            runner = OnnxRuntimeRunner(path, optimization=optimization)
+        with runner:
+            got = runner.infer(feed)
     t = torch.from_numpy(np.asarray(feed[TIMESTEP], np.float32).reshape(-1))
     g = qunet.group_of(t)
     quantizers = qunet.quantizers()
