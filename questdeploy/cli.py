@@ -5,6 +5,7 @@ Nothing here computes anything; each command builds a stage config and calls ``r
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
@@ -210,6 +211,9 @@ def run(run_dir, model, conditioning, seed, force, quiet, target, calib_steps, c
     click.echo(f"run finished: {ctx.run.path}")
 
 
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EDQUOT}
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -231,6 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.Abort:
         _echo("error: interrupted.")
         return 130
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        _echo(f"error: cannot write{where}: {e.strerror}. Hint: free space / fix permissions, or choose another --run-dir; "
+              "finished stages are kept.")
+        return 5
     except KeyboardInterrupt:
         _echo("error: interrupted; finished stages are kept, re-run to resume.")
         return 130

@@ -122,6 +122,20 @@ def _find_unet_dir(root: Path) -> tuple[Path, Path | None]:
     )
 
 
+def _check_config_keys(cls, unet_dir: Path) -> None:
+    """diffusers silently ignores config keys it does not know; a typo there changes the model, so refuse."""
+    import inspect
+
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    cfg = _read_json(unet_dir / "config.json")
+    unknown = sorted(k for k in cfg if not k.startswith("_") and k not in known)
+    if unknown:
+        raise ModelLoadError(
+            f"{unet_dir / 'config.json'} has keys {cls.__name__} does not know: {', '.join(unknown)}.",
+            hint="fix the typo, or upgrade diffusers if the model was saved by a newer version.",
+        )
+
+
 def model_fingerprint(unet_dir: Path) -> str:
     """Content hash of the UNet config and weights: ties a run folder to exactly one model."""
     h = hashlib.sha256()
@@ -198,12 +212,17 @@ def load_model(model: str | Path | None = None, conditioning: str | Path | None 
             hint="copy the weight file next to config.json (save_pretrained writes both).",
         )
     cls = getattr(diffusers, kind)
+    _check_config_keys(cls, unet_dir)
     try:
         unet = cls.from_pretrained(str(unet_dir), local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # noqa: BLE001 - diffusers raises many types for a broken folder
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"diffusers could not load {unet_dir}: {msg}", hint="check config.json and the weight file are intact.") from None
     unet = unet.float().eval().requires_grad_(False)
+    bad = next((n for n, p in unet.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise ModelLoadError(f"{unet_dir} has NaN/Inf in weight '{bad}'.",
+                             hint="the checkpoint is corrupt or was saved after a diverged training step; use a good one.")
     return LoadedModel(
         unet=unet,
         scheduler_config=_scheduler_config(pipeline_dir, unet_dir),

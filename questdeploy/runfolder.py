@@ -154,6 +154,13 @@ class RunFolder:
                 return False
         return True
 
+    def modified_outputs(self, stage: str) -> list[str]:
+        """Outputs of a recorded stage that are missing or no longer hash as recorded."""
+        rec = self.stage_record(stage) or {}
+        out = self.stage_dir(stage)
+        return [rel for rel, digest in rec.get("outputs", {}).items()
+                if not (out / rel).is_file() or sha256_file(out / rel) != digest]
+
     def output_digest(self, stage: str) -> str:
         """One hash over a finished stage's outputs: the input fingerprint of the stages after it."""
         rec = self.stage_record(stage)

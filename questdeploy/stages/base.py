@@ -69,6 +69,13 @@ def fingerprint(ctx: StageContext, stage: Stage, config: Any) -> str:
 
 def run_stage(ctx: StageContext, stage: Stage, config: Any) -> StageResult:
     for dep in stage.inputs:
+        changed = ctx.run.modified_outputs(dep) if ctx.run.stage_record(dep) else []
+        if changed:
+            raise StageNotReadyError(
+                f"outputs of '{dep}' changed after it ran ({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}); "
+                f"stage '{stage.name}' will not read them.",
+                hint=f"restore them, or re-run `questdeploy {dep} --force --run-dir {ctx.run.path}`.",
+            )
         if not ctx.run.is_done(dep):
             raise StageNotReadyError(
                 f"stage '{stage.name}' needs the outputs of '{dep}', which has not finished in {ctx.run.path}.",
