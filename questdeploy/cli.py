@@ -57,7 +57,7 @@ def _context(run_dir: Path, model: str | None, conditioning: Path | None, seed: 
     return StageContext(run=run, model=loaded, seed=seed, progress=not quiet, force=force, log=_echo)
 
 
-def _run_one(common: dict, stage, config) -> None:
+def _run_one(common: dict, stage, config):
     from .stages.base import run_stage
 
     ctx = _context(**common)
@@ -66,6 +66,7 @@ def _run_one(common: dict, stage, config) -> None:
         _warn_drift(ctx.run)
         res = run_stage(ctx, stage, config)
     _report(res)
+    return res
 
 
 def _warn_drift(run) -> None:
@@ -154,6 +155,8 @@ def finetune_options(f):
         click.option("--bits", default="w4a8", show_default=True, help="Weight/activation bits: w8a8, w4a8, w4a4 (w4a16/w8a16 weight-only)."),
         click.option("--method", type=click.Choice(["quest", "ptq", "full"]), default="quest", show_default=True,
                      help="quest: selective finetuning; ptq: calibration only; full: finetune everything (baseline)."),
+        click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+                     help="Deployment target: ort (onnxruntime) or trt (TensorRT: signed-only quantizers, constant Q/DQ scales)."),
         click.option("--groups", "num_groups", type=int, default=10, show_default=True,
                      help="Timestep groups (bins over the training timesteps); 1 = one static scale."),
         click.option("--weight-granularity", type=click.Choice(["per_channel", "per_block"]), default="per_channel", show_default=True,
@@ -173,8 +176,8 @@ def finetune_options(f):
     return f
 
 
-def _finetune_config(target: str = "ort", **kw):
-    return FinetuneConfig(target=target, **kw)
+def _finetune_config(**kw):
+    return FinetuneConfig(**kw)
 
 
 @cli.command(epilog=EPILOG_FINETUNE)
@@ -191,12 +194,10 @@ def finetune(run_dir, model, conditioning, seed, force, quiet, **ft):
 @cli.command(epilog=EPILOG_RUN)
 @common_options
 @finetune_options
-@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
-              help="ONNX graph form: ort (Gather-scale Q/DQ, fused by onnxruntime) or trt (constant-scale Q/DQ for TensorRT).")
 @click.option("--calib-steps", type=int, default=25, show_default=True, help="DDIM steps of the calibration trajectory.")
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--eval-samples", type=int, default=500, show_default=True)
-def run(run_dir, model, conditioning, seed, force, quiet, target, calib_steps, calib_samples, eval_samples, **ft):
+def run(run_dir, model, conditioning, seed, force, quiet, calib_steps, calib_samples, eval_samples, **ft):
     """Run the whole stage graph, skipping what is up to date and resuming what was interrupted."""
     from .pipeline import run_all
 
@@ -205,13 +206,89 @@ def run(run_dir, model, conditioning, seed, force, quiet, target, calib_steps, c
     with ctx.run.locked():
         ctx.run.bind_model(ctx.model.model_id, ctx.model.path)
         _warn_drift(ctx.run)
-        for res in run_all(ctx, finetune=_finetune_config(target=target, **ft), target=target,
+        for res in run_all(ctx, finetune=_finetune_config(**ft), target=ft["target"],
                            calib_steps=calib_steps, calib_samples=calib_samples, eval_samples=eval_samples):
             _report(res)
     click.echo(f"run finished: {ctx.run.path}")
 
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EDQUOT}
+
+
+EPILOG_EXPORT = """\b
+Examples:
+  questdeploy export --onnx                     # ort form: per-timestep scales via Gather inside Q/DQ
+  questdeploy export --onnx --target trt        # TensorRT form: constant Q/DQ scales (finetune with --target trt)
+  questdeploy export --onnx --static-scales     # one scale for all timesteps (what other tools ship)
+"""
+
+EPILOG_VERIFY = """\b
+Examples:
+  questdeploy verify                            # exact check, onnxruntime optimizations off
+  questdeploy verify --optimization all         # what a serving stack runs, with quantization-step tolerances
+  questdeploy verify --per-layer                # find the first quantizer that diverges
+"""
+
+EPILOG_BUILD = """\b
+Examples:
+  questdeploy build-engine --check-only         # TensorRT rule lint, no GPU needed
+  questdeploy build-engine --profile int8 --batch 1:2:8 --triton-repo triton/
+  questdeploy build-engine --profile int4 --timing-cache ~/.cache/trt.cache
+"""
+
+
+@cli.command(epilog=EPILOG_EXPORT)
+@common_options
+@click.option("--onnx", "onnx_flag", is_flag=True, default=True, help="Export to ONNX (the only format; accepted for clarity).")
+@click.option("--target", type=click.Choice(["ort", "trt", "fp"]), default="ort", show_default=True,
+              help="Graph form: ort (onnxruntime), trt (TensorRT), fp (the float baseline).")
+@click.option("--static-scales", is_flag=True, help="Collapse each per-timestep scale table to one scale (baseline).")
+def export(onnx_flag, target, static_scales, **common):
+    """Export the finetuned quantized model to ONNX (opset 21) with Q/DQ nodes carrying its scales."""
+    from .stages.export import STAGE, ExportConfig
+
+    _run_one(common, STAGE, ExportConfig(target=target, static_scales=static_scales))
+
+
+@cli.command(epilog=EPILOG_VERIFY)
+@common_options
+@click.option("--steps", type=int, default=25, show_default=True, help="DDIM steps of the checked trajectory.")
+@click.option("--num-samples", type=int, default=4, show_default=True)
+@click.option("--optimization", type=click.Choice(["off", "basic", "extended", "all"]), default="off", show_default=True,
+              help="onnxruntime graph optimization level; 'off' compares exactly.")
+@click.option("--max-rel-l2", type=float, default=None, help="Per-call relative L2 tolerance (default 1e-3 off, 5e-2 optimized).")
+@click.option("--min-psnr", "min_psnr_db", type=float, default=None, help="Trajectory PSNR tolerance in dB (default 40 off, 25 optimized).")
+@click.option("--per-layer", is_flag=True, help="Also compare every quantizer's output (debugging).")
+def verify(steps, num_samples, optimization, max_rel_l2, min_psnr_db, per_layer, **common):
+    """Prove the ONNX export computes what the PyTorch quantized model computes (onnxruntime + onnx.reference)."""
+    from .stages.verify import STAGE, VerifyConfig, raise_if_failed
+
+    cfg = VerifyConfig(steps=steps, num_samples=num_samples, optimization=optimization, per_layer=per_layer,
+                       max_rel_l2=max_rel_l2, min_psnr_db=min_psnr_db)
+    raise_if_failed(_run_one(common, STAGE, cfg).summary)
+
+
+@cli.command(name="build-engine", epilog=EPILOG_BUILD)
+@common_options
+@click.option("--profile", default="int8", show_default=True, help="int8, int4, fp16 (engines/*.toml) or a .toml path.")
+@click.option("--check-only", is_flag=True, help="Only run the TensorRT rule lint (no GPU or TensorRT needed).")
+@click.option("--batch", default=None, help="Batch range MIN:OPT:MAX (default from the profile).")
+@click.option("--dim", "dims", multiple=True, help="Other dynamic dims, NAME=MIN:OPT:MAX (repeatable).")
+@click.option("--opt-level", "optimization_level", type=int, default=None, help="Builder optimization level 0-5.")
+@click.option("--workspace-mib", type=int, default=None)
+@click.option("--timing-cache", default=None, help="Persistent timing cache file.")
+@click.option("--refit", type=click.Choice(["none", "refit", "identical"]), default=None)
+@click.option("--strip-weights", is_flag=True, default=None)
+@click.option("--triton-repo", default=None, help="Also write a Triton model repository here.")
+@click.option("--triton-model", default="quest_unet", show_default=True)
+@click.option("--no-polygraphy-lint", is_flag=True, help="Skip `polygraphy check lint`.")
+def build_engine(check_only, no_polygraphy_lint, dims, **opts):
+    """Lint the exported ONNX for TensorRT, then build an INT8 / INT4 / FP16 engine (needs TensorRT + a GPU)."""
+    from .stages.build_engine import STAGE, BuildEngineConfig, raise_if_failed
+
+    common = {k: opts.pop(k) for k in ("run_dir", "model", "conditioning", "seed", "force", "quiet")}
+    cfg = BuildEngineConfig(check_only=check_only, polygraphy_lint=not no_polygraphy_lint, dims=tuple(dims), **opts)
+    raise_if_failed(_run_one(common, STAGE, cfg).summary, check_only)
 
 
 def _raise_interrupt(signum, frame):

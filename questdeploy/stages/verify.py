@@ -1,0 +1,108 @@
+"""Verify stage: the exported ONNX against the PyTorch quantized model, with onnxruntime and onnx.reference.
+
+(a) one UNet call at every sampler timestep (max-abs, relative L2, cosine), (b) the whole DDIM trajectory
+from the same noise (final-image PSNR), (c) one call against ``onnx.reference`` (an independent oracle),
+(d) with ``--per-layer``, every quantizer's output compared, for debugging. Writes ``verify.json``,
+``per_timestep_error.png`` and golden I/O in Polygraphy's JSON format (``golden_inputs.json`` /
+``golden_outputs.json``) for ``polygraphy run --trt --load-inputs ... --load-outputs ...`` on a GPU host.
+
+A tolerance breach still records the (complete) report, then fails the command.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+
+from ..errors import ConfigError, VerificationError
+from ..sampling import initial_noise
+from .base import Stage, StageContext
+from .export import ONNX_NAME, load_quantized
+
+
+@dataclass
+class VerifyConfig:
+    steps: int = 25
+    num_samples: int = 4
+    optimization: str = "off"      # onnxruntime graph optimizations: off = exact comparison; all = what serving runs
+    per_layer: bool = False
+    max_rel_l2: float | None = None    # None: the default for the optimization level
+    min_psnr_db: float | None = None
+    tolerances: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.optimization not in ("off", "basic", "extended", "all"):
+            raise ConfigError(f"unknown --optimization {self.optimization!r}.", hint="use off, basic, extended or all.")
+        if self.steps < 1 or self.num_samples < 1:
+            raise ConfigError("--steps and --num-samples must be positive.", hint="e.g. --steps 25 --num-samples 4.")
+
+
+def load_our_onnx(path: Path) -> onnx.ModelProto:
+    """Load the export, refusing a truncated file or one that questdeploy did not write."""
+    from ..export.onnx_export import model_info
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types for a broken file
+        raise VerificationError(f"{path} is not a readable ONNX file ({type(e).__name__}).",
+                                hint="re-export it: `questdeploy export --force`.") from None
+    if not model_info(model):
+        raise VerificationError(f"{path} was not written by questdeploy export (no questdeploy metadata).",
+                                hint="verify compares our own exports with the checkpoint they came from; export with `questdeploy export`.")
+    return model
+
+
+def tolerances_for(cfg: VerifyConfig):
+    from ..export.verify import Tolerances
+
+    tol = Tolerances.exact() if cfg.optimization == "off" else Tolerances.optimized()
+    if cfg.max_rel_l2 is not None:
+        tol.call_rel_l2 = tol.reference_rel_l2 = cfg.max_rel_l2
+    if cfg.min_psnr_db is not None:
+        tol.trajectory_psnr_db = cfg.min_psnr_db
+    return tol
+
+
+def execute(ctx: StageContext, cfg: VerifyConfig, out: Path) -> dict:
+    from ..export import verify as V
+    from ..runners.onnxrt import OnnxRuntimeRunner
+    from ..runners.reference import ReferenceRunner
+    from ..runners.torch_runner import TorchRunner
+
+    path = ctx.run.stage_dir("export") / ONNX_NAME
+    model = load_our_onnx(path)
+    qunet = load_quantized(ctx)
+    tol = tolerances_for(cfg)
+    labels = __import__("torch").arange(cfg.num_samples)
+    cond = ctx.model.conditioner(labels)
+    noise = initial_noise(cfg.num_samples, ctx.model.sample_shape, ctx.seed)
+    ref = TorchRunner(V.torch_model_for(model, qunet), name="torch")
+    test = OnnxRuntimeRunner(str(path), optimization=cfg.optimization, name=f"onnxruntime(opt={cfg.optimization})")
+    oracle = ReferenceRunner(str(path), name="onnx.reference")
+    with ref, test, oracle:
+        report = V.verify_report(ref, test, ctx.model.scheduler_config, noise, cond, cfg.steps, reference=oracle, tolerances=tol)
+        feeds = report.pop("_feeds")
+        golden = [test.infer(f) for f in feeds]
+        if cfg.per_layer:
+            report["per_layer"] = V.per_layer_compare(str(path), qunet, feeds[-1], optimization=cfg.optimization)
+    V.save_polygraphy_io(feeds, {test.name: golden}, out / "golden_inputs.json", out / "golden_outputs.json")
+    V.plot_per_timestep({test.name: report["per_timestep"]["rows"]}, out / "per_timestep_error.png",
+                        title=f"{path.name}: onnxruntime vs PyTorch quantized model")
+    report["config"] = asdict(cfg)
+    (out / "verify.json").write_text(json.dumps(V.json_ready(report), indent=2, default=float))
+    s = report["per_timestep"]["summary"]
+    return {"passed": report["passed"], "failures": report["failures"], "rel_l2_max": s["rel_l2_max"],
+            "cosine_min": s["cosine_min"], "trajectory_psnr_db": report.get("trajectory", {}).get("psnr_db"),
+            "reference_rel_l2": (report.get("reference", {}).get("out_sample") or {}).get("rel_l2")}
+
+
+def raise_if_failed(summary: dict) -> None:
+    if summary.get("passed") is False:
+        raise VerificationError("verify failed: " + "; ".join(summary.get("failures", [])) + ".",
+                                hint="see verify/verify.json and per_timestep_error.png; `questdeploy verify --per-layer` finds the first layer that diverges.")
+
+
+STAGE = Stage("verify", ("export", "finetune"), execute, "check the ONNX numerics against the PyTorch quantized model")
