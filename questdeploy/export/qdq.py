@@ -228,8 +228,13 @@ def lower(
     static_reduce: str = "max",
     timestep_input: str = "timestep",
     metadata: dict[str, str] | None = None,
+    keep_trace_metadata: bool = False,
 ) -> tuple[onnx.ModelProto, LowerReport]:
-    """Return a new model in ``form`` (the input model is not modified) and a report."""
+    """Return a new model in ``form`` (the input model is not modified) and a report.
+
+    ``keep_trace_metadata``: keep torch.onnx's per-node ``pkg.torch.onnx.*`` metadata (stack traces, FX
+    names: ~1.5 MB on an 18 M-parameter UNet); the module path (``namespace``) is always kept.
+    """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if static_reduce not in STATIC_REDUCE:
@@ -432,6 +437,12 @@ def lower(
     g.initializer.extend(keep + new_inits)
     _remove_identities(g)
     _drop_unused_initializers(g)
+    if not keep_trace_metadata:
+        for n in g.node:
+            keep_md = [p for p in n.metadata_props if not p.key.startswith("pkg.torch.onnx.")]
+            if len(keep_md) != len(n.metadata_props):
+                del n.metadata_props[:]
+                n.metadata_props.extend(keep_md)
     # opsets: no private domain left
     keep_ops = [o for o in out.opset_import if o.domain != MARKER_DOMAIN]
     del out.opset_import[:]

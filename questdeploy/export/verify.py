@@ -123,8 +123,9 @@ def compare_runners(ref: Runner, test: Runner, feed: dict, outputs: Sequence[str
     return {n: compare_arrays(a[n], b[n]) for n in names}
 
 
-def trajectory_feeds(ref: Runner, scheduler_config: dict, noise, cond, steps: int) -> list[dict]:
-    """The UNet inputs ``ref`` sees along its own DDIM trajectory from ``noise`` (one feed per step)."""
+def trajectory_feeds(ref: Runner, scheduler_config: dict, noise, cond, steps: int, return_final: bool = False):
+    """The UNet inputs ``ref`` sees along its own DDIM trajectory from ``noise`` (one feed per step);
+    with ``return_final`` also the final images, ``(feeds, images)``."""
     from questdeploy.sampling import ddim_sample
 
     feeds: list[dict] = []
@@ -132,8 +133,8 @@ def trajectory_feeds(ref: Runner, scheduler_config: dict, noise, cond, steps: in
     def on_step(i, t, x, eps):
         feeds.append(make_feed(x, np.full((x.shape[0],), float(t), np.float32), cond))
 
-    ddim_sample(ref.eps, scheduler_config, noise, cond, steps, on_step=on_step)
-    return feeds
+    final = ddim_sample(ref.eps, scheduler_config, noise.clone(), cond, steps, on_step=on_step)
+    return (feeds, final) if return_final else feeds
 
 
 def per_timestep_errors(ref: Runner, test: Runner, feeds: Iterable[dict], output: str = OUTPUT) -> list[dict]:
@@ -166,11 +167,14 @@ def summarize_steps(rows: list[dict]) -> dict:
 # (b) trajectory
 
 
-def trajectory_psnr(ref: Runner, test: Runner, scheduler_config: dict, noise, cond, steps: int) -> dict:
-    """(b): final-image PSNR (dB) and max-abs between full DDIM trajectories from the same ``noise``."""
+def trajectory_psnr(ref: Runner, test: Runner, scheduler_config: dict, noise, cond, steps: int, ref_images=None) -> dict:
+    """(b): final-image PSNR (dB) and max-abs between full DDIM trajectories from the same ``noise``
+    (``ref_images``: ``ref``'s final images if already sampled from this noise)."""
     from questdeploy.sampling import ddim_sample
 
-    a = ddim_sample(ref.eps, scheduler_config, noise.clone(), cond, steps).numpy()
+    if ref_images is None:
+        ref_images = ddim_sample(ref.eps, scheduler_config, noise.clone(), cond, steps)
+    a = np.asarray(ref_images)
     b = ddim_sample(test.eps, scheduler_config, noise.clone(), cond, steps).numpy()
     per = [psnr(a[i], b[i]) for i in range(a.shape[0])]
     finite = [p for p in per if math.isfinite(p)]
@@ -413,7 +417,7 @@ def verify_report(
     """(a) + (b) + (c) in one dict: per-timestep errors along ``ref``'s trajectory, the trajectory PSNR,
     and (if ``reference`` is given) one call of ``test`` vs ``reference`` on the first feed."""
     tol = tolerances or Tolerances()
-    feeds = trajectory_feeds(ref, scheduler_config, noise, cond, steps)
+    feeds, ref_images = trajectory_feeds(ref, scheduler_config, noise, cond, steps, return_final=True)
     rows = per_timestep_errors(ref, test, feeds)
     report: dict = {
         "ref": ref.name, "test": test.name, "steps": steps, "samples": int(noise.shape[0]),
@@ -422,7 +426,7 @@ def verify_report(
     if reference is not None:
         report["reference"] = {"runner": reference.name, **compare_runners(reference, test, feeds[-1], [OUTPUT])}
     if trajectory:
-        report["trajectory"] = trajectory_psnr(ref, test, scheduler_config, noise, cond, steps)
+        report["trajectory"] = trajectory_psnr(ref, test, scheduler_config, noise, cond, steps, ref_images=ref_images)
     passed, reasons = check_tolerances(report, tol)
     report["tolerances"] = tol.to_dict()
     report["passed"] = passed
