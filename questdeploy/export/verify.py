@@ -20,18 +20,24 @@ report into pass / fail with reasons.
 
 Tolerances (``Tolerances``)
 ---------------------------
-Q/DQ graphs are not bit-exact across backends: float accumulation order differs between PyTorch's and
-onnxruntime's convolutions, so a value lying within ~1 ulp of a rounding boundary of the *next*
-quantizer rounds the other way (a one-LSB flip), and later layers amplify it. So:
+Q/DQ graphs are not bit-exact across backends end to end: float accumulation order differs between
+PyTorch's and onnxruntime's kernels (~1e-7 relative: FP32 graphs agree to 1e-6), so a value lying within
+an ulp of a rounding boundary of the *next* quantizer rounds the other way (a one-LSB flip on ~1e-5 of
+its elements) and later layers spread it. Measured on the trained digits UNet (W8A8 / W4A8, 10 groups,
+20 DDIM steps, ORT optimizations off): per-call relative L2 0.5-0.9 % on average, 2.2-2.7 % at the last,
+nearly clean step; trajectory PSNR vs the PyTorch model 34-45 dB, above the quantization's own PSNR vs FP
+(25-32 dB). A strict 1e-3 per call is therefore not attainable; exactness is asserted where it is
+well defined instead: ``quantizer_exactness`` (every Q output equals ``round(x / s[g])`` given the graph's own
+input ``x``) must report 0 mismatches. Defaults:
 
-* ``Tolerances.exact()`` (torch fake-quant vs onnxruntime with optimizations **off**, or vs
-  ``onnx.reference``): per-call relative L2 <= 1e-3 at every timestep, cosine >= 0.9999,
-  reference agreement <= 1e-3, trajectory PSNR >= 40 dB. Meant for trained models.
-* ``Tolerances.optimized()`` (vs onnxruntime ``all``, fused integer kernels): relative L2 <= 0.05 per
-  call, cosine >= 0.998, trajectory PSNR >= 25 dB; the notes measured ~2 % between ORT off / on on a
-  trained small UNet.
-Random-weight UNets amplify single flips to tens of percent; unit tests on them use per-layer LSB
-statistics instead of end-to-end tolerances.
+* ``Tolerances.exact()`` (vs onnxruntime optimizations **off** or ``onnx.reference``): 0 teacher-forced
+  mismatches; per-call relative L2 <= 0.05 (max) and <= 0.02 (mean over the schedule); cosine >= 0.999;
+  onnx.reference within 0.05; trajectory PSNR >= 30 dB.
+* ``Tolerances.optimized()`` (vs onnxruntime ``all``): per-call <= 0.1 (max) / 0.03 (mean), cosine >= 0.998,
+  PSNR >= 25 dB; teacher-forced check off (fused kernels).
+A wrong scale or timestep group shows up as thousands of teacher-forced mismatches (and usually as
+>10 % per-call error); a one-LSB flip as a handful of elements in one layer.
+Random-weight UNets amplify single flips much more: unit tests on them use the per-quantizer checks.
 """
 
 from __future__ import annotations
@@ -131,17 +137,30 @@ def trajectory_feeds(ref: Runner, scheduler_config: dict, noise, cond, steps: in
     feeds: list[dict] = []
 
     def on_step(i, t, x, eps):
-        feeds.append(make_feed(x, np.full((x.shape[0],), float(t), np.float32), cond))
+        feed = make_feed(x, np.full((x.shape[0],), float(t), np.float32), cond)
+        feed[_REF_OUTPUT] = np.ascontiguousarray(eps.detach().cpu().numpy(), dtype=np.float32)
+        feeds.append(feed)
 
     final = ddim_sample(ref.eps, scheduler_config, noise.clone(), cond, steps, on_step=on_step)
     return (feeds, final) if return_final else feeds
+
+
+_REF_OUTPUT = "_ref_out_sample"  # ref's own output, recorded with the feed (runners ignore unknown keys)
+
+
+def strip_feed(feed: dict) -> dict:
+    """A feed without the recorded reference output (for saving / other tools)."""
+    return {k: v for k, v in feed.items() if k != _REF_OUTPUT}
 
 
 def per_timestep_errors(ref: Runner, test: Runner, feeds: Iterable[dict], output: str = OUTPUT) -> list[dict]:
     """(a): ``[{"timestep", "max_abs", "rel_l2", "cosine", "finite"}]``, one entry per feed."""
     rows = []
     for feed in feeds:
-        m = compare_runners(ref, test, feed, [output])[output]
+        if output == OUTPUT and _REF_OUTPUT in feed:  # recorded by trajectory_feeds: no second ref call
+            m = compare_arrays(feed[_REF_OUTPUT], test.infer(strip_feed(feed))[output])
+        else:
+            m = compare_runners(ref, test, strip_feed(feed), [output])[output]
         rows.append({"timestep": float(np.asarray(feed[TIMESTEP]).reshape(-1)[0]), **m})
     return rows
 
@@ -354,18 +373,25 @@ def quantizer_exactness(onnx_path, qunet, feed: dict, optimization: str = "off",
 
 @dataclass
 class Tolerances:
-    call_rel_l2: float = 1e-3
-    call_cosine: float = 0.9999
-    reference_rel_l2: float = 1e-3
-    trajectory_psnr_db: float = 40.0
+    """Pass / fail thresholds (see the module docstring for where the defaults come from)."""
+
+    quantizer_mismatches: int | None = 0  # teacher-forced Q outputs that differ (None: not checked)
+    call_rel_l2: float = 0.05  # per-call relative L2, max over the schedule
+    call_rel_l2_mean: float = 0.02  # ... mean over the schedule
+    call_cosine: float = 0.999  # per-call cosine, min over the schedule
+    reference_rel_l2: float = 0.05  # one call vs onnx.reference
+    trajectory_psnr_db: float = 30.0  # final images of whole trajectories
 
     @classmethod
     def exact(cls) -> "Tolerances":
+        """onnxruntime with optimizations off (or onnx.reference) vs the PyTorch fake-quant model."""
         return cls()
 
     @classmethod
     def optimized(cls) -> "Tolerances":
-        return cls(call_rel_l2=0.05, call_cosine=0.998, reference_rel_l2=0.05, trajectory_psnr_db=25.0)
+        """onnxruntime at 'all' (fused integer kernels round intermediate results their own way)."""
+        return cls(quantizer_mismatches=None, call_rel_l2=0.1, call_rel_l2_mean=0.03, call_cosine=0.998,
+                   reference_rel_l2=0.1, trajectory_psnr_db=25.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -374,8 +400,8 @@ class Tolerances:
 def check_tolerances(report: dict, tol: Tolerances | None = None) -> tuple[bool, list[str]]:
     """Pass / fail for a verify report built by ``verify_report``; returns ``(passed, reasons)``.
 
-    Reads ``report["per_timestep"]["summary"]``, ``report["reference"]`` and ``report["trajectory"]``
-    when present; a missing section is not checked. Non-finite outputs always fail.
+    Reads ``report["per_timestep"]["summary"]``, ``report["reference"]``, ``report["trajectory"]`` and
+    ``report["exactness"]`` when present; a missing section is not checked. Non-finite outputs always fail.
     """
     tol = tol or Tolerances()
     fails: list[str] = []
@@ -385,6 +411,8 @@ def check_tolerances(report: dict, tol: Tolerances | None = None) -> tuple[bool,
             fails.append("non-finite values in the exported model's output")
         if s["rel_l2_max"] > tol.call_rel_l2:
             fails.append(f"per-call relative L2 {s['rel_l2_max']:.3g} > {tol.call_rel_l2:g} (worst at t={s['rel_l2_max_timestep']:g})")
+        if s.get("rel_l2_mean", 0.0) > tol.call_rel_l2_mean:
+            fails.append(f"mean per-call relative L2 {s['rel_l2_mean']:.3g} > {tol.call_rel_l2_mean:g}")
         if s["cosine_min"] < tol.call_cosine:
             fails.append(f"per-call cosine {s['cosine_min']:.6f} < {tol.call_cosine:g}")
     ref = report.get("reference")
@@ -395,6 +423,11 @@ def check_tolerances(report: dict, tol: Tolerances | None = None) -> tuple[bool,
     tr = report.get("trajectory")
     if tr and tr["psnr_db"] < tol.trajectory_psnr_db:
         fails.append(f"trajectory PSNR {tr['psnr_db']:.2f} dB < {tol.trajectory_psnr_db:g} dB")
+    ex = report.get("exactness")
+    if ex and tol.quantizer_mismatches is not None and ex["mismatches"] > tol.quantizer_mismatches:
+        worst = ex.get("worst") or {}
+        fails.append(f"{ex['mismatches']} quantized values differ from round(x / s[g]) given the same input "
+                     f"(e.g. {worst.get('name')}): wrong scale, group, zero point or rounding in the export")
     return (not fails), fails
 
 
@@ -413,9 +446,13 @@ def verify_report(
     reference: Runner | None = None,
     trajectory: bool = True,
     tolerances: Tolerances | None = None,
+    onnx_path=None,
+    qunet=None,
 ) -> dict:
     """(a) + (b) + (c) in one dict: per-timestep errors along ``ref``'s trajectory, the trajectory PSNR,
-    and (if ``reference`` is given) one call of ``test`` vs ``reference`` on the first feed."""
+    (if ``reference`` is given) one call of ``test`` vs ``reference`` on the last feed, and (if ``onnx_path``
+    and ``qunet`` are given, for quantized exports) the teacher-forced ``quantizer_exactness`` on the first
+    and last feed with onnxruntime at optimization ``off``."""
     tol = tolerances or Tolerances()
     feeds, ref_images = trajectory_feeds(ref, scheduler_config, noise, cond, steps, return_final=True)
     rows = per_timestep_errors(ref, test, feeds)
@@ -423,10 +460,17 @@ def verify_report(
         "ref": ref.name, "test": test.name, "steps": steps, "samples": int(noise.shape[0]),
         "per_timestep": {"rows": rows, "summary": summarize_steps(rows)},
     }
+    feeds = [strip_feed(f) for f in feeds]
     if reference is not None:
         report["reference"] = {"runner": reference.name, **compare_runners(reference, test, feeds[-1], [OUTPUT])}
     if trajectory:
         report["trajectory"] = trajectory_psnr(ref, test, scheduler_config, noise, cond, steps, ref_images=ref_images)
+    if onnx_path is not None and qunet is not None and json.loads(_metadata(onnx_path).get("quant_tensors", "{}") or "{}"):
+        rows = [r for f in (feeds[0], feeds[-1]) for r in quantizer_exactness(onnx_path, qunet, f)]
+        bad = max(rows, key=lambda r: r["mismatches"]) if rows else None
+        report["exactness"] = {"feeds": 2, "quantizers": len(rows) // 2, "elements": sum(r["elements"] for r in rows),
+                               "mismatches": sum(r["mismatches"] for r in rows),
+                               "worst": bad if bad and bad["mismatches"] else None}
     passed, reasons = check_tolerances(report, tol)
     report["tolerances"] = tol.to_dict()
     report["passed"] = passed

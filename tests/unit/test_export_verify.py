@@ -40,16 +40,20 @@ def test_metrics():
 
 
 def test_tolerance_check():
-    ok = {"per_timestep": {"summary": {"rel_l2_max": 5e-4, "rel_l2_max_timestep": 1.0, "cosine_min": 0.99999, "all_finite": True}},
-          "reference": {"out_sample": {"rel_l2": 1e-6}}, "trajectory": {"psnr_db": 50.0}}
+    ok = {"per_timestep": {"summary": {"rel_l2_max": 0.02, "rel_l2_mean": 0.005, "rel_l2_max_timestep": 1.0, "cosine_min": 0.9999, "all_finite": True}},
+          "reference": {"out_sample": {"rel_l2": 1e-3}}, "trajectory": {"psnr_db": 40.0}, "exactness": {"mismatches": 0}}
     assert check_tolerances(ok) == (True, [])
     bad = json.loads(json.dumps(ok))
-    bad["per_timestep"]["summary"].update(rel_l2_max=0.02, all_finite=False)
+    bad["per_timestep"]["summary"].update(rel_l2_max=0.2, all_finite=False)
     bad["trajectory"]["psnr_db"] = 20.0
+    bad["exactness"] = {"mismatches": 7, "worst": {"name": "conv_in.input_quantizer", "mismatches": 7}}
     passed, reasons = check_tolerances(bad)
-    assert not passed and len(reasons) == 3 and any("t=1" in r for r in reasons)
-    assert check_tolerances(bad, Tolerances(call_rel_l2=0.05, trajectory_psnr_db=10))[1] == ["non-finite values in the exported model's output"]
+    assert not passed and len(reasons) == 4 and any("t=1" in r for r in reasons)
+    assert any("conv_in.input_quantizer" in r for r in reasons)
+    loose = Tolerances(call_rel_l2=0.5, trajectory_psnr_db=10, quantizer_mismatches=None)
+    assert check_tolerances(bad, loose)[1] == ["non-finite values in the exported model's output"]
     assert Tolerances.optimized().call_rel_l2 > Tolerances.exact().call_rel_l2
+    assert Tolerances.optimized().quantizer_mismatches is None
     assert summarize_steps([]) == {}
 
 
@@ -102,6 +106,9 @@ def test_per_timestep_and_per_layer_on_quantized_export(tmp_path):
     feeds = trajectory_feeds(ref, SCHED, torch.randn(1, 1, 8, 8), None, steps=3)
     rows = per_timestep_errors(ref, test, feeds)
     assert len(rows) == 3 and all(r["finite"] and r["cosine"] > 0.9 for r in rows)
+    report = verify_report(ref, test, SCHED, torch.randn(1, 1, 8, 8), None, steps=2, trajectory=False,
+                           onnx_path=res.path, qunet=q)
+    assert report["exactness"]["mismatches"] == 0 and report["exactness"]["quantizers"] == res.report.activation_quantizers
     layers = per_layer_compare(res.path, q, feeds[0])
     assert len(layers) == res.report.activation_quantizers
     assert all(r["lsb_max"] < 1e6 for r in layers)
