@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
 
 import click
+
+# Busy-waiting OpenMP threads made torch 5-6x slower whenever another process shared the cores
+# (measured on the 2-core CI machine); passive waiting costs nothing when the machine is idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
 from .errors import QuestDeployError
