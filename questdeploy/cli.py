@@ -261,8 +261,8 @@ def export(onnx_flag, target, static_scales, **common):
 @click.option("--num-samples", type=int, default=4, show_default=True)
 @click.option("--optimization", type=click.Choice(["off", "basic", "extended", "all"]), default="off", show_default=True,
               help="onnxruntime graph optimization level; 'off' compares exactly.")
-@click.option("--max-rel-l2", type=float, default=None, help="Per-call relative L2 tolerance (default 1e-3 off, 5e-2 optimized).")
-@click.option("--min-psnr", "min_psnr_db", type=float, default=None, help="Trajectory PSNR tolerance in dB (default 40 off, 25 optimized).")
+@click.option("--max-rel-l2", type=float, default=None, help="Per-call relative L2 tolerance (default 0.05 with optimizations off, 0.1 optimized).")
+@click.option("--min-psnr", "min_psnr_db", type=float, default=None, help="Trajectory PSNR tolerance in dB (default 30 off, 25 optimized).")
 @click.option("--per-layer", is_flag=True, help="Also compare every quantizer's output (debugging).")
 def verify(steps, num_samples, optimization, max_rel_l2, min_psnr_db, per_layer, **common):
     """Prove the ONNX export computes what the PyTorch quantized model computes (onnxruntime + onnx.reference)."""

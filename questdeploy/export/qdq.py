@@ -183,6 +183,7 @@ class LowerReport:
     activation_quantizers: int = 0
     weight_quantizers: int = 0
     float_markers_removed: int = 0
+    int4_widened: int = 0  # trt form: per-channel INT4 weights stored as INT8 (same values)
     unfused: list[str] = field(default_factory=list)  # trt form: rescale Mul right after DQ
     trt_violations: list[str] = field(default_factory=list)
     quant_tensors: dict[str, dict] = field(default_factory=dict)  # key -> {"tensor", "unit_scale"}
@@ -191,7 +192,7 @@ class LowerReport:
         return {
             "form": self.form, "static_scales": self.static_scales, "num_groups": self.num_groups,
             "activation_quantizers": self.activation_quantizers, "weight_quantizers": self.weight_quantizers,
-            "float_markers_removed": self.float_markers_removed, "unfused": list(self.unfused),
+            "float_markers_removed": self.float_markers_removed, "int4_widened": self.int4_widened, "unfused": list(self.unfused),
             "trt_violations": list(self.trt_violations),
         }
 
@@ -325,7 +326,9 @@ def lower(
             continue
         if isinstance(p, WeightParams):
             report.weight_quantizers += 1
-            replace[id(node)] = _lower_weight(node, key, p, x, y, inits, consumers, graph_outputs, names, new_inits, drop, drop_inits)
+            replace[id(node)] = _lower_weight(node, key, p, x, y, inits, consumers, graph_outputs, names, new_inits, drop,
+                                              drop_inits, widen_int4=(form == "trt" and not p.block_size))
+            report.int4_widened += int(form == "trt" and p.bits == 4 and not p.block_size)
             continue
         # activation
         report.activation_quantizers += 1
@@ -463,7 +466,11 @@ def lower(
     return out, report
 
 
-def _lower_weight(node, key, p: WeightParams, x, y, inits, consumers, graph_outputs, names, new_inits, drop, drop_inits):
+def _lower_weight(node, key, p: WeightParams, x, y, inits, consumers, graph_outputs, names, new_inits, drop, drop_inits,
+                  widen_int4: bool = False):
+    """Integer weight initializer + DequantizeLinear. ``widen_int4``: store a per-channel 4-bit weight as INT8
+    (the same values: the 4-bit grid is part of the 8-bit one), because TensorRT runs INT4 only as block-quantized
+    MatMul/Gemm weights; a W4 conv then runs as an INT8 conv with bit-identical results."""
     if x not in inits:
         raise LoweringError(
             f"weight quantizer {key}: the weight {x!r} is not an initializer (produced by an op), cannot store it as integers"
@@ -489,10 +496,11 @@ def _lower_weight(node, key, p: WeightParams, x, y, inits, consumers, graph_outp
             q = q.T
             scale = scale.T if scale.ndim == 2 else scale
             axis = 1 - axis if w.ndim == 2 else axis
-    elem = TensorProto.INT8 if p.bits == 8 else TensorProto.INT4
     if p.bits not in (4, 8):
         raise LoweringError(f"{key}: {p.bits}-bit weights are not supported")
-    qi = names.new(f"{key}.int{p.bits}")
+    stored_bits = 8 if widen_int4 else p.bits
+    elem = TensorProto.INT8 if stored_bits == 8 else TensorProto.INT4
+    qi = names.new(f"{key}.int{stored_bits}")
     new_inits.append(_tensor(np.ascontiguousarray(q), qi, elem))
     si = names.new(f"{key}.scale")
     new_inits.append(numpy_helper.from_array(np.ascontiguousarray(scale), si))

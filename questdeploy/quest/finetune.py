@@ -55,9 +55,9 @@ class FinetuneConfig:
     block_size: int = 32
     target: str = "ort"
     calib_samples_per_step: int = 64   # samples of each calibration step used for scale initialisation
-    batch_size: int = 32
-    tla_iters_per_group: int = 40
-    cma_epochs: int = 2
+    batch_size: int = 16
+    tla_iters_per_group: int = 20
+    cma_epochs: int = 1
     cma_iters_per_group: int = 40
     lr_weights: float = 1e-4
     lr_scales: float = 1e-3

@@ -29,7 +29,7 @@ class VerifyConfig:
     num_samples: int = 4
     optimization: str = "off"      # onnxruntime graph optimizations: off = exact comparison; all = what serving runs
     per_layer: bool = False
-    max_rel_l2: float | None = None    # None: the default for the optimization level
+    max_rel_l2: float | None = None    # None: the default for the optimization level (see export/verify.py)
     min_psnr_db: float | None = None
     tolerances: dict = field(default_factory=dict)
 
@@ -61,6 +61,7 @@ def tolerances_for(cfg: VerifyConfig):
     tol = Tolerances.exact() if cfg.optimization == "off" else Tolerances.optimized()
     if cfg.max_rel_l2 is not None:
         tol.call_rel_l2 = tol.reference_rel_l2 = cfg.max_rel_l2
+        tol.call_rel_l2_mean = min(tol.call_rel_l2_mean, cfg.max_rel_l2)
     if cfg.min_psnr_db is not None:
         tol.trajectory_psnr_db = cfg.min_psnr_db
     return tol
@@ -83,7 +84,8 @@ def execute(ctx: StageContext, cfg: VerifyConfig, out: Path) -> dict:
     test = OnnxRuntimeRunner(str(path), optimization=cfg.optimization, name=f"onnxruntime(opt={cfg.optimization})")
     oracle = ReferenceRunner(str(path), name="onnx.reference")
     with ref, test, oracle:
-        report = V.verify_report(ref, test, ctx.model.scheduler_config, noise, cond, cfg.steps, reference=oracle, tolerances=tol)
+        report = V.verify_report(ref, test, ctx.model.scheduler_config, noise, cond, cfg.steps, reference=oracle,
+                                 tolerances=tol, onnx_path=str(path), qunet=qunet)
         feeds = report.pop("_feeds")
         golden = [test.infer(f) for f in feeds]
         if cfg.per_layer:
@@ -94,7 +96,9 @@ def execute(ctx: StageContext, cfg: VerifyConfig, out: Path) -> dict:
     report["config"] = asdict(cfg)
     (out / "verify.json").write_text(json.dumps(V.json_ready(report), indent=2, default=float))
     s = report["per_timestep"]["summary"]
+    exact = report.get("exactness") or {}
     return {"passed": report["passed"], "failures": report["failures"], "rel_l2_max": s["rel_l2_max"],
+            "rel_l2_mean": s.get("rel_l2_mean"), "quantizer_mismatches": exact.get("mismatches"),
             "cosine_min": s["cosine_min"], "trajectory_psnr_db": report.get("trajectory", {}).get("psnr_db"),
             "reference_rel_l2": (report.get("reference", {}).get("out_sample") or {}).get("rel_l2")}
 
