@@ -329,7 +329,9 @@ def save_checkpoint(qunet: QuantizedUNet, folder, extra_meta: dict | None = None
         spec = qunet.spec(meta=extra_meta)
         spec.save(tmp / SPEC_FILE)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in qunet.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quant_spec_version": str(SPEC_VERSION)})
+        # one metadata key only: safetensors writes a multi-key metadata map in hash order, which would make
+        # the bytes (and the checkpoint hash the run manifest records) differ between identical runs
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         old = None
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
