@@ -82,8 +82,9 @@ def run_stage(ctx: StageContext, stage: Stage, config: Any) -> StageResult:
                 hint=f"run `questdeploy {dep} --run-dir {ctx.run.path}` first, or `questdeploy run` for the whole graph.",
             )
     fp = fingerprint(ctx, stage, config)
-    if not ctx.force and ctx.run.is_done(stage.name, fp):
-        rec = ctx.run.stage_record(stage.name) or {}
+    rec = ctx.run.stage_record(stage.name) or {}
+    incomplete = rec.get("summary", {}).get("incomplete", False)  # e.g. an engine a CPU machine could not build
+    if not ctx.force and not incomplete and ctx.run.is_done(stage.name, fp):
         return StageResult(stage.name, True, rec.get("summary", {}), ctx.run.stage_dir(stage.name))
     seed_everything(ctx.seed)
     cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config

@@ -7,6 +7,7 @@ On a machine without TensorRT or a GPU the stage still records the lint report a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,24 +57,32 @@ def execute(ctx: StageContext, cfg: BuildEngineConfig, out: Path) -> dict:
         summary = {"engine_built": not cfg.check_only, "plan": "model.plan" if not cfg.check_only else None,
                    "triton": full.get("triton"), "trtexec": full["commands"]["trtexec"]}
     except (TensorRTNotInstalledError, NoCudaDeviceError) as e:
-        # the lint and the command lines are on disk: keep them, and say what is missing afterwards
-        summary = {"engine_built": False, "not_built_reason": e.one_line()}
+        # the lint and the command lines are on disk: keep them, say what is missing afterwards, and
+        # build again next time rather than skipping (``incomplete``)
+        summary = {"engine_built": False, "not_built_reason": e.one_line(), "incomplete": True}
+    _retarget_paths(out, ctx.run.stage_dir("build-engine"))
+    summary = json.loads(json.dumps(summary, default=str).replace(str(out), str(ctx.run.stage_dir("build-engine"))))
     lint = _read_lint(out)
     summary.update(form=lint.get("form"), lint_passed=lint.get("passed"), lint_errors=lint.get("counts", {}).get("error"),
                    lint_warnings=lint.get("counts", {}).get("warning"), check_only=cfg.check_only)
     return _jsonable(summary)
 
 
-def _read_lint(out: Path) -> dict:
-    import json
+def _retarget_paths(tmp: Path, final: Path) -> None:
+    """Files written in the temp folder name their final location (the folder is renamed on success)."""
+    for p in tmp.iterdir():
+        if p.is_file() and p.suffix in (".sh", ".txt", ".json"):
+            text = p.read_text()
+            if str(tmp) in text:
+                p.write_text(text.replace(str(tmp), str(final)))
 
+
+def _read_lint(out: Path) -> dict:
     p = out / "lint.json"
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def _jsonable(obj):
-    import json
-
     return json.loads(json.dumps(obj, default=str))
 
 
