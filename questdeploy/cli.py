@@ -98,6 +98,7 @@ EPILOG_EVAL = """\b
 Examples:
   questdeploy eval                              # FP model: 500 samples, accuracy, FID-proxy, grid PNG
   questdeploy eval --quantized --run-dir runs/w4a8
+  questdeploy eval --engine runs/default/build-engine/model.plan      # sample with a TensorRT engine (GPU)
 """
 
 
@@ -131,9 +132,16 @@ def calibrate(steps, num_samples, batch_size, **common):
 @click.option("--steps", type=int, default=25, show_default=True, help="DDIM steps.")
 @click.option("--batch-size", type=int, default=250, show_default=True)
 @click.option("--quantized", is_flag=True, help="Also sample the finetuned quantized model and compare with FP.")
-def eval_cmd(num_samples, steps, batch_size, quantized, **common):
+@click.option("--engine", "engine_plan", default=None, help="Sample with this TensorRT plan and compare with FP (needs a GPU).")
+def eval_cmd(num_samples, steps, batch_size, quantized, engine_plan, **common):
     """Sample and score: classifier accuracy, FID-proxy, PSNR vs FP; sample grids as PNG."""
     from .stages.evaluate import STAGE_FP, STAGE_QUANT, EvalConfig
+
+    if engine_plan:
+        from .stages import engine_checks as ec
+
+        _run_one(common, ec.EVAL_STAGE, ec.EngineCheckConfig(plan=engine_plan, num_samples=num_samples, steps=steps))
+        return
 
     cfg = EvalConfig(num_samples=num_samples, steps=steps, batch_size=batch_size, quantized=quantized)
     _run_one(common, STAGE_QUANT if quantized else STAGE_FP, cfg)
@@ -232,6 +240,7 @@ Examples:
   questdeploy verify                            # exact check, onnxruntime optimizations off
   questdeploy verify --optimization all         # what a serving stack runs, with quantization-step tolerances
   questdeploy verify --per-layer                # find the first quantizer that diverges
+  questdeploy verify --engine runs/default/build-engine/model.plan   # TensorRT vs onnxruntime (GPU)
 """
 
 EPILOG_BUILD = """\b
@@ -264,9 +273,17 @@ def export(onnx_flag, target, static_scales, **common):
 @click.option("--max-rel-l2", type=float, default=None, help="Per-call relative L2 tolerance (default 0.05 with optimizations off, 0.1 optimized).")
 @click.option("--min-psnr", "min_psnr_db", type=float, default=None, help="Trajectory PSNR tolerance in dB (default 30 off, 25 optimized).")
 @click.option("--per-layer", is_flag=True, help="Also compare every quantizer's output (debugging).")
-def verify(steps, num_samples, optimization, max_rel_l2, min_psnr_db, per_layer, **common):
+@click.option("--engine", "engine_plan", default=None, help="Run this TensorRT plan on verify's golden inputs instead (needs a GPU).")
+def verify(steps, num_samples, optimization, max_rel_l2, min_psnr_db, per_layer, engine_plan, **common):
     """Prove the ONNX export computes what the PyTorch quantized model computes (onnxruntime + onnx.reference)."""
     from .stages.verify import STAGE, VerifyConfig, raise_if_failed
+
+    if engine_plan:
+        from .stages import engine_checks as ec
+
+        cfg = ec.EngineCheckConfig(plan=engine_plan, max_rel_l2=max_rel_l2 if max_rel_l2 is not None else 0.1)
+        ec.raise_if_failed(_run_one(common, ec.VERIFY_STAGE, cfg).summary)
+        return
 
     cfg = VerifyConfig(steps=steps, num_samples=num_samples, optimization=optimization, per_layer=per_layer,
                        max_rel_l2=max_rel_l2, min_psnr_db=min_psnr_db)

@@ -96,3 +96,21 @@ def test_verify_refuses_foreign_and_truncated_onnx(tmp_path):
     (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(VerificationError, match="not a readable ONNX"):
         load_our_onnx(tmp_path / "cut.onnx")
+
+
+def test_engine_checks_without_tensorrt_say_so(trt_run, tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: the GPU tests cover engine checks")
+    except ImportError:
+        pass
+    common, run = trt_run
+    assert main(["verify", *common, "--steps", "3", "--num-samples", "2", "--quiet"]) == 0
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"not really a plan")
+    capsys.readouterr()
+    assert main(["verify", *common, "--engine", str(plan), "--quiet"]) == 3
+    assert "tensorrt" in _err_line(capsys).lower()
+    assert main(["eval", *common, "--engine", str(tmp_path / "missing.plan"), "--quiet"]) == 2
+    assert "does not exist" in _err_line(capsys)
+    assert not (run / "verify-engine").exists()
