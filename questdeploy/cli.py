@@ -92,6 +92,7 @@ EPILOG_CALIBRATE = """\b
 Examples:
   questdeploy calibrate                         # default digits model, runs/default
   questdeploy calibrate --model ./my-unet --steps 50 --num-samples 256 --run-dir runs/mine
+  questdeploy calibrate --recipe calibration/paper-lsun.toml
 """
 
 EPILOG_EVAL = """\b
@@ -116,14 +117,16 @@ def cli():
 
 @cli.command(epilog=EPILOG_CALIBRATE)
 @common_options
-@click.option("--steps", type=int, default=25, show_default=True, help="DDIM steps of the recorded trajectory.")
-@click.option("--num-samples", type=int, default=128, show_default=True, help="Trajectories (samples per step).")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-def calibrate(steps, num_samples, batch_size, **common):
+@click.option("--recipe", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="A calibration recipe TOML (see calibration/); flags given here override it.")
+@click.option("--steps", type=int, default=None, help="DDIM steps of the recorded trajectory.  [default: 25]")
+@click.option("--num-samples", type=int, default=None, help="Trajectories (samples per step).  [default: 128]")
+@click.option("--batch-size", type=int, default=None, help="[default: 128]")
+def calibrate(recipe, steps, num_samples, batch_size, **common):
     """Record the FP model's own sampling trajectory as calibration data."""
-    from .stages.calibrate import STAGE, CalibrateConfig
+    from .stages.calibrate import STAGE, config_from
 
-    _run_one(common, STAGE, CalibrateConfig(steps=steps, num_samples=num_samples, batch_size=batch_size))
+    _run_one(common, STAGE, config_from(recipe, steps=steps, num_samples=num_samples, batch_size=batch_size))
 
 
 @cli.command(name="eval", epilog=EPILOG_EVAL)

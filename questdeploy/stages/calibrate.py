@@ -38,6 +38,24 @@ class CalibrateConfig:
             raise ConfigError("--num-samples and --batch-size must be positive.", hint="e.g. --num-samples 128.")
 
 
+def config_from(recipe: Path | None = None, **overrides) -> CalibrateConfig:
+    """A recipe's ``[calibrate]`` table, then explicit values (None = not given) on top."""
+    import tomllib
+
+    values: dict = {}
+    if recipe is not None:
+        try:
+            table = tomllib.loads(Path(recipe).read_text()).get("calibrate", {})
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"recipe {recipe} is not valid TOML ({e}).", hint="see calibration/default.toml for the format.") from None
+        unknown = sorted(set(table) - {"steps", "num_samples", "batch_size"})
+        if unknown:
+            raise ConfigError(f"recipe {recipe} has unknown keys {unknown}.", hint="use steps, num_samples, batch_size.")
+        values.update(table)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return CalibrateConfig(**values)
+
+
 def _labels(ctx: StageContext, n: int) -> torch.Tensor:
     k = max(ctx.model.conditioner.num_classes, 1)
     return torch.arange(n) % k

@@ -162,3 +162,16 @@ def test_calibrate_resumes_per_step(ctx, monkeypatch):
         for k, v in load_file(str(p)).items():
             assert torch.equal(v, ref_steps[p.name][k]), (p.name, k)
     assert not list((ctx.run.path / ".resume").glob("calibrate-*"))
+
+
+def test_recipes_ship_and_flags_override(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).parents[2] / "calibration"
+    cfg = calibrate.config_from(root / "default.toml")
+    assert cfg == calibrate.CalibrateConfig()  # the shipped default is the default
+    assert calibrate.config_from(root / "paper-lsun.toml", steps=7).steps == 7
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[calibrate]\nsteps = 25\nstepz = 3\n")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        calibrate.config_from(bad)
