@@ -17,12 +17,12 @@ hand; they need no TensorRT and are what the stage writes beside the plan.
 
 from __future__ import annotations
 
+from ..runfolder import write_bytes_atomic
+
 import ctypes
 import importlib
-import os
 import shlex
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -358,20 +358,6 @@ def _set_flag(trt, config, name: str):
     config.set_flag(flag)
 
 
-def _write_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(opts: BuildOptions, *, device: int = 0, verbose: bool = False,
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Build ``opts.onnx_path`` into ``opts.plan_path``; returns build info (TensorRT version, GPU, seconds, flags).
@@ -465,9 +451,9 @@ def build_engine(opts: BuildOptions, *, device: int = 0, verbose: bool = False,
         raise EngineBuildError(
             "TensorRT's builder failed:\n  " + "\n  ".join(logger.errors or ["(no error message; rerun with verbose=True)"]),
             hint="lint with `--check-only`; a larger workspace or a lower optimization level can also help")
-    _write_atomic(opts.plan_path, memoryview(plan))
+    write_bytes_atomic(opts.plan_path, memoryview(plan))
     if cache is not None and opts.timing_cache is not None:
-        _write_atomic(opts.timing_cache, memoryview(config.get_timing_cache().serialize()))
+        write_bytes_atomic(opts.timing_cache, memoryview(config.get_timing_cache().serialize()))
     log(f"[build] wrote {opts.plan_path} ({opts.plan_path.stat().st_size / 2**20:.1f} MiB) in {seconds:.1f} s")
     return {
         "tensorrt_version": trt.__version__, "gpu": dev.name, "compute_capability": dev.compute_capability,

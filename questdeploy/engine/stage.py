@@ -12,12 +12,11 @@ after a build ``model.plan`` + ``engine.json`` (and ``<triton_repo>/<model>/...`
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..runfolder import write_text_atomic
 from .builder import (
     BuildOptions,
     build_engine,
@@ -34,14 +33,6 @@ from .manifest import build_manifest, write_manifest
 from .profiles import BuildProfile, load_profile, parse_dim_overrides, parse_range
 
 PLAN_NAME = "model.plan"
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def profile_findings(ix: GraphIndex, form: str, profile: BuildProfile) -> list[Finding]:
@@ -125,8 +116,8 @@ def build_engine_stage(
         report.findings[:0] = profile_findings(ix, info.form, prof)
     text = format_report(report)
     log(text)
-    _write_text(out_dir / "lint.txt", text + "\n")
-    _write_text(out_dir / "lint.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    write_text_atomic(out_dir / "lint.txt", text + "\n")
+    write_text_atomic(out_dir / "lint.json", json.dumps(report.to_dict(), indent=2) + "\n")
 
     # 2. the same build as command lines (no TensorRT needed)
     plan_path = out_dir / PLAN_NAME
@@ -136,7 +127,7 @@ def build_engine_stage(
     if cache_path is None and prof.timing_cache:
         opts.timing_cache = prof.timing_cache_path(trt_version, sm)
     cmds = {"trtexec": command_line(trtexec_command(opts)), "polygraphy": command_line(polygraphy_convert_command(opts))}
-    _write_text(out_dir / "build_commands.sh", "\n".join([
+    write_text_atomic(out_dir / "build_commands.sh", "\n".join([
         "#!/bin/sh",
         f"# Rebuild {PLAN_NAME} by hand (profile '{prof.name}'); either line builds the same engine.",
         "# Run on the GPU that will serve the engine, with the TensorRT version it will run under.",
