@@ -114,3 +114,12 @@ def test_engine_checks_without_tensorrt_say_so(trt_run, tmp_path, capsys):
     assert main(["eval", *common, "--engine", str(tmp_path / "missing.plan"), "--quiet"]) == 2
     assert "does not exist" in _err_line(capsys)
     assert not (run / "verify-engine").exists()
+
+
+def test_same_seed_same_onnx_bytes(trt_run, capsys):
+    from questdeploy.runfolder import sha256_file
+
+    common, run = trt_run
+    first = sha256_file(run / "export" / "model.onnx")
+    assert main(["export", *common, "--target", "trt", "--force", "--quiet"]) == 0
+    assert sha256_file(run / "export" / "model.onnx") == first

@@ -86,3 +86,29 @@ def test_leftover_temporaries_are_cleaned_under_lock(tmp_path):
     with run.locked():
         pass
     assert not (run.path / ".tmp-finetune-abc").exists()
+
+
+def test_environment_drift_is_reported(tmp_path, monkeypatch):
+    import questdeploy.runfolder as rf
+
+    run = RunFolder(tmp_path / "r")
+    run.bind_model("a" * 64, "/m")
+    assert run.environment_drift() == {}
+    real = rf.environment
+    monkeypatch.setattr(rf, "environment", lambda: {**real(), "torch": "9.9.9"})
+    drift = run.environment_drift()
+    assert drift["torch"][1] == "9.9.9" and drift["torch"][0] != "9.9.9"
+
+
+def test_cli_warns_on_environment_drift(tmp_path, tiny_cond_pipeline, capsys, monkeypatch):
+    import questdeploy.runfolder as rf
+    from questdeploy.cli import main
+
+    args = ["calibrate", "--model", str(tiny_cond_pipeline), "--run-dir", str(tmp_path / "r"),
+            "--steps", "2", "--num-samples", "2", "--quiet"]
+    assert main(args) == 0
+    real = rf.environment
+    monkeypatch.setattr(rf, "environment", lambda: {**real(), "onnxruntime": "0.0.1"})
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "warning: environment differs" in capsys.readouterr().err
