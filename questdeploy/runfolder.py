@@ -67,6 +67,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished folder ``src`` to ``dst``; an existing ``dst`` is removed only after the swap."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 def environment() -> dict[str, str]:
     """Library versions that decide numerics; recorded so a resumed run can warn on drift."""
     import importlib.metadata as md
@@ -187,14 +200,7 @@ class RunFolder:
         try:
             yield tmp
             outputs = hash_tree(tmp)
-            final = self.stage_dir(stage)
-            trash = None
-            if final.exists():
-                trash = self.path / f".old-{stage}-{os.getpid()}"
-                os.replace(final, trash)
-            os.replace(tmp, final)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+            replace_dir(tmp, self.stage_dir(stage))
             data = self.load()
             data["stages"][stage] = {
                 **record,
@@ -219,7 +225,7 @@ class RunFolder:
         if self.path.is_dir():
             for p in self.path.glob(".tmp-*"):
                 shutil.rmtree(p, ignore_errors=True)
-            for p in self.path.glob(".old-*"):
+            for p in self.path.glob(".*.old-*"):
                 shutil.rmtree(p, ignore_errors=True)
 
     # -- lock -----------------------------------------------------------------------------

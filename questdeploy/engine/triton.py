@@ -17,7 +17,8 @@ so an unknown field, a wrong enum name or a syntax error fails loudly.
 
 from __future__ import annotations
 
-import os
+from ..runfolder import replace_dir
+
 import shutil
 import tempfile
 from pathlib import Path
@@ -144,15 +145,7 @@ def write_triton_repo(repo_dir: str | Path, model_name: str, onnx_path: str | Pa
         import json
 
         (tmp / str(version) / "engine.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        final = repo / model_name
-        if final.exists():
-            old = repo / f".{model_name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, repo / model_name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,12 +12,13 @@ float weights + quantizer scales), written atomically (temp dir + rename).
 
 from __future__ import annotations
 
+from ..runfolder import replace_dir
+
 import json
 import math
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -332,13 +333,7 @@ def save_checkpoint(qunet: QuantizedUNet, folder, extra_meta: dict | None = None
         # one metadata key only: safetensors writes a multi-key metadata map in hash order, which would make
         # the bytes (and the checkpoint hash the run manifest records) differ between identical runs
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        old = None
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,8 @@ that trained it changing.
 
 from __future__ import annotations
 
+from ..runfolder import replace_dir
+
 import json
 import os
 import shutil
@@ -109,7 +111,7 @@ class DigitClassifier(nn.Module):
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             _make_readable(tmp)
-            _replace_dir(tmp, folder)
+            replace_dir(tmp, folder)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -196,17 +198,6 @@ def train_classifier(
         final_loss=loss_value,
         seconds=time.perf_counter() - start,
     )
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished folder `src` to `dst`, replacing an existing `dst` (old one removed only after the swap)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def _make_readable(folder: Path) -> None:

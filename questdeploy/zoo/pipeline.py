@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from ..runfolder import replace_dir
+
 import json
 import os
 import shutil
@@ -61,13 +63,7 @@ def save_pipeline(folder: str | os.PathLike, unet, scheduler, class_embeddings: 
         scheduler.save_pretrained(tmp / "scheduler")
         class_embeddings.save_pretrained(tmp / "class_embeddings")
         _make_readable(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
