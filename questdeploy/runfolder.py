@@ -80,6 +80,21 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; it replaces ``final`` only if the block finishes, else it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal, shareable folder
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def environment() -> dict[str, str]:
     """Library versions that decide numerics; recorded so a resumed run can warn on drift."""
     import importlib.metadata as md

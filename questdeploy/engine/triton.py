@@ -17,10 +17,11 @@ so an unknown field, a wrong enum name or a syntax error fails loudly.
 
 from __future__ import annotations
 
-from ..runfolder import replace_dir
+import json
+
+from ..runfolder import atomic_dir
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import EngineError
@@ -137,18 +138,11 @@ def write_triton_repo(repo_dir: str | Path, model_name: str, onnx_path: str | Pa
     parse_config_pbtxt(text)  # never write a config Triton would refuse to parse
     repo = Path(repo_dir)
     repo.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_name}.", dir=repo))
-    try:
+    with atomic_dir(repo / model_name) as tmp:
         (tmp / str(version)).mkdir()
         shutil.copyfile(plan_path, tmp / str(version) / "model.plan")
         (tmp / "config.pbtxt").write_text(text)
-        import json
-
         (tmp / str(version) / "engine.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, repo / model_name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return repo / model_name
 
 

@@ -12,12 +12,11 @@ float weights + quantizer scales), written atomically (temp dir + rename).
 
 from __future__ import annotations
 
-from ..runfolder import replace_dir
+from ..runfolder import atomic_dir
 
 import json
 import math
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -324,19 +323,13 @@ def save_checkpoint(qunet: QuantizedUNet, folder, extra_meta: dict | None = None
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    with atomic_dir(folder) as tmp:
         spec = qunet.spec(meta=extra_meta)
         spec.save(tmp / SPEC_FILE)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in qunet.state_dict().items()}
         # one metadata key only: safetensors writes a multi-key metadata map in hash order, which would make
         # the bytes (and the checkpoint hash the run manifest records) differ between identical runs
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

@@ -7,12 +7,10 @@ that trained it changing.
 
 from __future__ import annotations
 
-from ..runfolder import replace_dir
+from ..runfolder import atomic_dir
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,18 +101,11 @@ class DigitClassifier(nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal, shareable folder
-        try:
+        with atomic_dir(folder) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
             state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             _make_readable(tmp)
-            replace_dir(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

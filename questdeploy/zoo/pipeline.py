@@ -8,12 +8,10 @@
 
 from __future__ import annotations
 
-from ..runfolder import replace_dir
+from ..runfolder import atomic_dir
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,19 +52,12 @@ def model_index() -> dict:
 def save_pipeline(folder: str | os.PathLike, unet, scheduler, class_embeddings: ClassEmbeddings) -> Path:
     """Write the pipeline folder atomically: everything goes to a temp folder beside it, which is then renamed."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is a normal, shareable folder
-    try:
+    with atomic_dir(folder) as tmp:
         (tmp / "model_index.json").write_text(json.dumps(model_index(), indent=2) + "\n")
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         class_embeddings.save_pretrained(tmp / "class_embeddings")
         _make_readable(tmp)
-        replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
