@@ -65,7 +65,7 @@ def execute(ctx: StageContext, cfg: BuildEngineConfig, out: Path) -> dict:
     lint = _read_lint(out)
     summary.update(form=lint.get("form"), lint_passed=lint.get("passed"), lint_errors=lint.get("counts", {}).get("error"),
                    lint_warnings=lint.get("counts", {}).get("warning"), check_only=cfg.check_only)
-    return _jsonable(summary)
+    return summary
 
 
 def _retarget_paths(tmp: Path, final: Path) -> None:
@@ -80,10 +80,6 @@ def _retarget_paths(tmp: Path, final: Path) -> None:
 def _read_lint(out: Path) -> dict:
     p = out / "lint.json"
     return json.loads(p.read_text()) if p.is_file() else {}
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str))
 
 
 class EngineNotBuiltError(QuestDeployError):

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
+import torch
 
 from ..errors import ConfigError, VerificationError
 from ..sampling import initial_noise
@@ -77,7 +78,7 @@ def execute(ctx: StageContext, cfg: VerifyConfig, out: Path) -> dict:
     model = load_our_onnx(path)
     qunet = load_quantized(ctx)
     tol = tolerances_for(cfg)
-    labels = __import__("torch").arange(cfg.num_samples)
+    labels = torch.arange(cfg.num_samples)
     cond = ctx.model.conditioner(labels)
     noise = initial_noise(cfg.num_samples, ctx.model.sample_shape, ctx.seed)
     ref = TorchRunner(V.torch_model_for(model, qunet), name="torch")
