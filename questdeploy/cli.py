@@ -178,6 +178,8 @@ def finetune_options(f):
         click.option("--weight-granularity", type=click.Choice(["per_channel", "per_block"]), default="per_channel", show_default=True,
                      help="INT4 weights: per output channel, or block-wise along the input dim (Linear layers)."),
         click.option("--block-size", type=int, default=32, show_default=True, help="Block size for per_block INT4 weights."),
+        click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default=_FT.weight_rounding, show_default=True,
+                     help="gptq: round weights to minimise each layer's output error on the calibration inputs; nearest: plain rounding."),
         click.option("--tla-iters", "tla_iters_per_group", type=int, default=_FT.tla_iters_per_group, show_default=True,
                      help="Time-embedding-aware finetuning iterations per group."),
         click.option("--cma-iters", "cma_iters_per_group", type=int, default=_FT.cma_iters_per_group, show_default=True,

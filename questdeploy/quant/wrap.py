@@ -60,7 +60,8 @@ class QuantConfig:
     * ``num_groups`` / ``num_train_timesteps`` build uniform ``TimestepBins``; ``timestep_edges`` overrides.
     * ``keep_float``: patterns of layers left fully float; ``skip``: the timestep path, also left float
       (kept separate so adding ``keep_float`` patterns never drops it by accident); ``act_8bit``: layers
-      whose input activations use 8 bits whatever ``a_bits`` is.
+      whose input activations use 8 bits whatever ``a_bits`` is; ``weight_8bit``: layers whose weights stay
+      8-bit at ``w_bits=4`` (first and last conv by default: a few hundred weights, a third of the W4 error).
     * ``quantize_attention``: explicit-matmul attention with quantized q, k, v (``attn_bits``, default
       ``a_bits``) and softmax probabilities (``probs_bits``, unsigned).
     * ``weight_init``, ``act_observer`` / ``act_percentile`` / ``act_momentum``: calibration defaults.
@@ -77,6 +78,7 @@ class QuantConfig:
     keep_float: tuple[str, ...] = ()
     skip: tuple[str, ...] = ("time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding")
     act_8bit: tuple[str, ...] = ("conv_in", "conv_out")
+    weight_8bit: tuple[str, ...] = ("conv_in", "conv_out")
     quantize_attention: bool = True
     attn_bits: int | None = None
     probs_bits: int = 8
@@ -88,7 +90,7 @@ class QuantConfig:
     target: str = "ort"
 
     def __post_init__(self):
-        for name in ("keep_float", "skip", "act_8bit"):
+        for name in ("keep_float", "skip", "act_8bit", "weight_8bit"):
             val = getattr(self, name)
             if isinstance(val, str):
                 val = (val,)
@@ -125,7 +127,7 @@ class QuantConfig:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
             raise QuantConfigError(f"block_size={self.block_size!r} must be an int >= 2", hint="e.g. block_size=32")
         self.bins  # validates num_groups / edges
-        for name in ("keep_float", "skip", "act_8bit"):
+        for name in ("keep_float", "skip", "act_8bit", "weight_8bit"):
             if not all(isinstance(p, str) and p for p in getattr(self, name)):
                 raise QuantConfigError(f"{name} must be a list of non-empty patterns", hint='e.g. ["conv_in", "*.ff.*"]')
         if self.weight_init not in ("mse", "minmax"):
@@ -168,6 +170,8 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         known = {f.name for f in fields(cls)}
+        d = dict(d)
+        d.setdefault("weight_8bit", [])  # specs written before the field existed had no 8-bit weight layers
         unknown = sorted(set(d) - known)
         if unknown:
             raise QuantConfigError(
@@ -425,8 +429,12 @@ def quantize_unet(unet: nn.Module, config: QuantConfig | None = None, *, inplace
             notes[name] = f"float (matches {pat!r})"
             continue
         gran, why = weight_granularity_for(tuple(mod.weight.shape), per_block, config.block_size)
-        wq = WeightQuantizer(tuple(mod.weight.shape), config.w_bits, gran)
-        if why:
+        w_bits = 8 if config.w_bits == 4 and matches_any(name, config.weight_8bit) else config.w_bits
+        if w_bits != config.w_bits:
+            gran, why = weight_granularity_for(tuple(mod.weight.shape), False, config.block_size)
+            notes[f"{name}.weight_quantizer"] = f"8-bit weights (matches {matches_any(name, config.weight_8bit)!r})"
+        wq = WeightQuantizer(tuple(mod.weight.shape), w_bits, gran)
+        if why and w_bits == config.w_bits:
             notes[f"{name}.weight_quantizer"] = why
         iq = None
         if config.a_bits is not None:

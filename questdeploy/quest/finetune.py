@@ -28,11 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..quant.gptq import gptq_quantize_layers
 from ..quant.quantizers import ActQuantizer
 from ..quant.wrap import QuantConfig, QuantizedUNet, quantize_unet
 from .selection import SelectionPolicy
 
 METHODS = ("ptq", "quest", "full")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 _BITS = re.compile(r"^w(4|8)a(4|8|16)$")
 
 
@@ -54,6 +56,8 @@ class FinetuneConfig:
     weight_granularity: str = "per_channel"
     block_size: int = 32
     target: str = "ort"
+    weight_rounding: str = "gptq"      # "nearest" (RTN) or "gptq" (error-compensating, see quant/gptq.py)
+    gptq_samples_per_step: int = 16    # calibration samples per recorded step that feed the GPTQ Hessians
     calib_samples_per_step: int = 64   # samples of each calibration step used for scale initialisation
     batch_size: int = 16
     tla_iters_per_group: int = 20
@@ -77,6 +81,9 @@ class FinetuneConfig:
         for k in ("batch_size", "calib_samples_per_step"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be positive.", hint="e.g. --batch-size 32.")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ConfigError(f"unknown --weight-rounding {self.weight_rounding!r}.",
+                              hint=f"use one of {', '.join(WEIGHT_ROUNDINGS)}.")
         if min(self.tla_iters_per_group, self.cma_epochs, self.cma_iters_per_group) < 0:
             raise ConfigError("iteration counts must be >= 0.", hint="e.g. --tla-iters 40 --cma-iters 40.")
 
@@ -141,6 +148,9 @@ def initialise(fp_unet: nn.Module, calib, cfg: FinetuneConfig, num_train_timeste
     """PTQ: wrap a copy of the FP UNet and set weight scales and per-group activation scale tables."""
     qunet = quantize_unet(fp_unet, cfg.quant_config(num_train_timesteps))
     n = cfg.calib_samples_per_step
+    qunet.init_weight_scales()
+    if cfg.weight_rounding == "gptq":
+        round_weights_gptq(qunet, fp_unet, calib, cfg.gptq_samples_per_step)
 
     def batches():
         for i, t in enumerate(calib.timesteps):
@@ -148,8 +158,22 @@ def initialise(fp_unet: nn.Module, calib, cfg: FinetuneConfig, num_train_timeste
             cond = None if calib.cond is None else calib.cond[:n]
             yield x[:n], torch.full((min(n, x.shape[0]),), t, dtype=torch.long), cond
 
-    qunet.calibrate_activations(batches())
+    qunet.calibrate_activations(batches(), init_weights=False)
     return qunet
+
+
+def round_weights_gptq(qunet: QuantizedUNet, fp_unet: nn.Module, calib, samples_per_step: int) -> dict[str, float]:
+    """GPTQ rounding of every quantized weight, Hessians from the FP teacher on the calibration inputs."""
+    k = max(1, samples_per_step)
+
+    def runs():
+        for i, t in enumerate(calib.timesteps):
+            x, _ = calib.step(i)
+            x = x[:k]
+            kwargs = {} if calib.cond is None else {"encoder_hidden_states": calib.cond[: x.shape[0]]}
+            yield lambda x=x, t=t, kwargs=kwargs: fp_unet(x, torch.full((x.shape[0],), t, dtype=torch.long), **kwargs)
+
+    return gptq_quantize_layers(fp_unet, qunet.quant_layers(), runs())
 
 
 def _loss(qunet, fp_unet, batch, taps, w_local, w_global):

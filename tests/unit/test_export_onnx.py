@@ -180,7 +180,9 @@ def test_int4_weights_are_packed_and_file_is_smaller(tmp_path_factory):
     m = onnx.load(str(p4))
     inits = {t.name: t for t in m.graph.initializer}
     int4 = [t for t in m.graph.initializer if t.data_type == TensorProto.INT4 and t.name.endswith(".int4")]
-    assert len(int4) == rep.weight_quantizers
+    int8_w = [t.name for t in m.graph.initializer if t.data_type == TensorProto.INT8 and t.name.endswith(".int8")]
+    assert len(int4) == rep.weight_quantizers - 2  # conv_in / conv_out weights stay 8-bit (QuantConfig.weight_8bit)
+    assert len(int8_w) == 2 and all(n.startswith(("conv_in", "conv_out")) for n in int8_w)
     for t in int4:
         assert len(t.raw_data) == (int(np.prod(t.dims)) + 1) // 2  # two values per byte
     blocked = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in n.attribute)]

@@ -39,7 +39,7 @@ def test_spec_json_round_trip(calibrated):
     assert set(byname) == set(q.quantizers())
     w = byname["conv_in.weight_quantizer"]
     assert (w.kind, w.bits, w.signed, w.granularity, w.axis, w.layer, w.role) == (
-        "weight", 4, True, "per_channel", 0, "conv_in", "weight"
+        "weight", 8, True, "per_channel", 0, "conv_in", "weight"
     )
     a = byname["conv_in.input_quantizer"]
     assert a.kind == "activation" and a.bits == 8 and a.shape == [2] and len(a.scales) == 2

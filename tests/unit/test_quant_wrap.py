@@ -199,4 +199,13 @@ def test_a4_with_8bit_first_last():
     layers = q.quant_layers()
     assert layers["conv_in"].input_quantizer.bits == 8 and layers["conv_out"].input_quantizer.bits == 8
     assert layers["down_blocks.0.resnets.0.conv1"].input_quantizer.bits == 4
-    assert all(isinstance(m, WeightQuantizer) and m.bits == 4 for n, m in q.quantizers().items() if n.endswith("weight_quantizer"))
+    wbits = {n: m.bits for n, m in q.quantizers().items() if n.endswith("weight_quantizer")}
+    assert wbits.pop("conv_in.weight_quantizer") == 8 and wbits.pop("conv_out.weight_quantizer") == 8
+    assert set(wbits.values()) == {4}
+    assert "8-bit weights" in q.notes["conv_in.weight_quantizer"]
+    plain = quantize_unet(tiny_unet2d(), QuantConfig(w_bits=4, a_bits=4, num_groups=1, weight_8bit=()))
+    assert {m.bits for n, m in plain.quantizers().items() if n.endswith("weight_quantizer")} == {4}
+    # a spec written before weight_8bit existed loads as "no 8-bit weight layers"
+    d = QuantConfig(w_bits=4).to_dict()
+    del d["weight_8bit"]
+    assert QuantConfig.from_dict(d).weight_8bit == ()
