@@ -6,6 +6,7 @@ of them alike. Prints a Markdown table (the README's) and writes it with the raw
 
     python benchmarks/bench_quest.py                      # ~30-40 min on a 2-core CPU
     python benchmarks/bench_quest.py --bits w4a8 --methods ptq,quest --eval-samples 200
+    python benchmarks/bench_quest.py --extra-for "full=--lr-weights 1e-5"   # a per-method setting
 """
 
 from __future__ import annotations
@@ -35,7 +36,15 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", default="", help="extra finetune options, e.g. '--groups 20'")
+    ap.add_argument("--extra-for", action="append", default=[], metavar="METHOD=OPTIONS",
+                    help="finetune options for one method only, e.g. 'full=--lr-weights 1e-5' (repeatable)")
     a = ap.parse_args()
+    per_method = {}
+    for item in a.extra_for:
+        method, sep, opts = item.partition("=")
+        if not sep:
+            sys.exit(f"--extra-for needs METHOD=OPTIONS, got {item!r}")
+        per_method[method.strip()] = opts.split()
     out = Path(a.out)
     model = ["--model", a.model] if a.model else []
     base = out / "base"
@@ -51,22 +60,22 @@ def main() -> None:
             shutil.copytree(base, run, ignore=shutil.ignore_patterns(".lock", "eval"))
             t0 = time.time()
             cli("finetune", "--run-dir", str(run), "--bits", bits, "--method", method, "--seed", str(a.seed), "--quiet",
-                *model, *a.extra.split())
+                *model, *a.extra.split(), *per_method.get(method, []))
             wall = time.time() - t0
             cli("eval", "--quantized", "--run-dir", str(run), "--seed", str(a.seed), "--num-samples", str(a.eval_samples),
                 "--quiet", *model)
             rep = json.loads((run / "finetune" / "report.json").read_text())
             q = json.loads((run / "eval-quantized" / "metrics.json").read_text())["quantized"]
-            rows.append({"method": method, "bits": bits, **q, "finetune_s": rep["total_seconds"], "process_s": round(wall, 1),
+            rows.append({"method": method, "bits": bits, **q, "finetune_s": rep["total_seconds"], "train_s": rep.get("seconds", 0.0), "process_s": round(wall, 1),
                          "peak_rss_mib": rep["peak_rss_mib"], "trainable_params": rep["trainable_params"],
                          "total_params": rep["total_params"]})
             print(f"  {bits} {method}: {q} in {rep['total_seconds']} s", file=sys.stderr)
-    head = "| bits | method | FID-proxy ↓ | accuracy ↑ | PSNR vs FP (dB) ↑ | finetune time (s) | peak RSS (MiB) | trained params |"
-    lines = [head, "|" + "---|" * 8]
+    head = "| bits | method | FID-proxy ↓ | accuracy ↑ | PSNR vs FP (dB) ↑ | finetune time (s) | of which training (s) | peak RSS (MiB) | trained params |"
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         lines.append(
             f"| {r['bits']} | {r['method']} | {r.get('fid_proxy', float('nan')):.3f} | {r.get('classifier_accuracy', float('nan')):.3f} | "
-            f"{r['psnr_vs_fp_db']:.2f} | {r.get('finetune_s', 0):.1f} | {r.get('peak_rss_mib', 0):.0f} | "
+            f"{r['psnr_vs_fp_db']:.2f} | {r.get('finetune_s', 0):.1f} | {r.get('train_s', 0):.1f} | {r.get('peak_rss_mib', 0):.0f} | "
             f"{r.get('trainable_params', 0)} |")
     table = "\n".join(lines)
     print(table)

@@ -28,7 +28,7 @@ from torch import nn
 from .attention import QuantAttnProcessor
 from .errors import CalibrationError, QuantConfigError, TimestepError, UnsupportedBitsError
 from .primitives import TimestepBins
-from .quantizers import SUPPORTED_BITS, ActQuantizer, WeightQuantizer, active_export_hook, weight_granularity_for
+from .quantizers import ACT_OBSERVERS, SUPPORTED_BITS, ActQuantizer, WeightQuantizer, active_export_hook, weight_granularity_for
 
 __all__ = ["QuantConfig", "QuantConv2d", "QuantLinear", "QuantizedUNet", "quantize_unet", "matches_any"]
 
@@ -64,7 +64,9 @@ class QuantConfig:
       8-bit at ``w_bits=4`` (first and last conv by default: a few hundred weights, a third of the W4 error).
     * ``quantize_attention``: explicit-matmul attention with quantized q, k, v (``attn_bits``, default
       ``a_bits``) and softmax probabilities (``probs_bits``, unsigned).
-    * ``weight_init``, ``act_observer`` / ``act_percentile`` / ``act_momentum``: calibration defaults.
+    * ``weight_init``, ``act_observer`` / ``act_percentile`` / ``act_momentum``: calibration defaults;
+      ``act_observer_4bit`` for 4-bit activations (``"mse"`` clipping: on the default model it cuts the W4A4
+      noise-prediction error 3.5x, while at 8 bits the same clipping is 9x *worse* than the max).
     * ``method`` / ``target``: recorded in the spec (``target`` in ``ort``/``trt``/``torch``).
     """
 
@@ -84,6 +86,7 @@ class QuantConfig:
     probs_bits: int = 8
     weight_init: str = "mse"
     act_observer: str = "absmax"
+    act_observer_4bit: str = "mse"
     act_percentile: float = 0.9999
     act_momentum: float | None = None
     method: str = "ptq"
@@ -132,8 +135,9 @@ class QuantConfig:
                 raise QuantConfigError(f"{name} must be a list of non-empty patterns", hint='e.g. ["conv_in", "*.ff.*"]')
         if self.weight_init not in ("mse", "minmax"):
             raise QuantConfigError(f"weight_init={self.weight_init!r} is unknown", hint="use 'mse' or 'minmax'")
-        if self.act_observer not in ("absmax", "percentile"):
-            raise QuantConfigError(f"act_observer={self.act_observer!r} is unknown", hint="use 'absmax' or 'percentile'")
+        for name in ("act_observer", "act_observer_4bit"):
+            if getattr(self, name) not in ACT_OBSERVERS:
+                raise QuantConfigError(f"{name}={getattr(self, name)!r} is unknown", hint="use 'absmax', 'percentile' or 'mse'")
         if not 0.0 < self.act_percentile <= 1.0:
             raise QuantConfigError(f"act_percentile={self.act_percentile} out of (0, 1]", hint="e.g. 0.9999")
         if self.act_momentum is not None and not 0.0 <= self.act_momentum < 1.0:
@@ -382,7 +386,7 @@ class QuantizedUNet(nn.Module):
         for q in self._act:
             q.reset_observations()
             q.set_observer(
-                observer or cfg.act_observer,
+                observer or (cfg.act_observer_4bit if q.bits == 4 else cfg.act_observer),
                 cfg.act_percentile if percentile is None else percentile,
                 cfg.act_momentum if momentum is None else momentum,
             )

@@ -128,6 +128,31 @@ def test_act_observe_absmax_percentile_and_fill():
         ActQuantizer().init_scales()
 
 
+def test_act_mse_observer_clips_outliers_at_4_bits():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 8, 16, 16, generator=g) for _ in range(3)]
+    batches[1][0, 0, 0, 0] = 40.0  # one rare outlier
+    errs = {}
+    for obs in ("absmax", "mse"):
+        q = ActQuantizer(num_groups=2, bits=4, observer=obs)
+        q.observing = True
+        for b in batches:
+            q(b)
+        q.observing = False
+        assert q.init_scales() == [1]  # group 1 never observed: copied from group 0
+        errs[obs] = (float(q.scales[0]), sum(float(((q(b) - b) ** 2).mean()) for b in batches))
+        assert q.scales[1] == q.scales[0]
+    assert errs["mse"][0] < 0.5 * errs["absmax"][0]  # clips the outlier instead of spending the range on it
+    assert errs["mse"][1] < 0.5 * errs["absmax"][1]
+    q = ActQuantizer(bits=4, observer="mse")
+    q.observing = True
+    for _ in range(20):
+        q(torch.randn(64, 64, 32, generator=g))
+    assert q._samples[0].numel() <= 2 * ActQuantizer.MSE_SAMPLES  # memory stays bounded
+    q.reset_observations()
+    assert not q._samples
+
+
 def test_export_hook_replaces_forward_and_nests():
     wq = WeightQuantizer((2, 4))
     aq = ActQuantizer()

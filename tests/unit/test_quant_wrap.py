@@ -209,3 +209,15 @@ def test_a4_with_8bit_first_last():
     d = QuantConfig(w_bits=4).to_dict()
     del d["weight_8bit"]
     assert QuantConfig.from_dict(d).weight_8bit == ()
+
+
+def test_4bit_activations_calibrate_with_mse_clipping():
+    q = quantize_unet(tiny_unet2d(), QuantConfig(w_bits=4, a_bits=4, num_groups=1))
+    q.calibrate_activations(calib_batches(None))
+    acts = {n: m for n, m in q.quantizers().items() if isinstance(m, ActQuantizer)}
+    assert {m.observer for m in acts.values() if m.bits == 4} == {"mse"}
+    assert {m.observer for m in acts.values() if m.bits == 8} == {"absmax"}
+    clipped = [m for m in acts.values() if m.bits == 4 and float(m.scales[0]) * m.qmax < m._stats[0][0] - 1e-6]
+    assert clipped  # some 4-bit scales sit below the observed max
+    with pytest.raises(QuantConfigError, match="act_observer_4bit"):
+        QuantConfig(act_observer_4bit="median")
