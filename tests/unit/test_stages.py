@@ -133,6 +133,14 @@ def test_good_bits():
     assert parse_bits("W4A8") == (4, 8) and parse_bits("w8a16") == (8, None)
 
 
+def test_learning_rate_defaults_per_method_and_explicit_wins():
+    assert FinetuneConfig(method="quest").lr_weights == 1e-4
+    assert FinetuneConfig(method="full").lr_weights == 1e-5
+    assert FinetuneConfig(method="full", lr_weights=3e-4).lr_weights == 3e-4
+    with pytest.raises(ConfigError, match="weight-rounding"):
+        FinetuneConfig(weight_rounding="stochastic")
+
+
 def test_calibrate_resumes_per_step(ctx, monkeypatch):
     """A calibration interrupted after step 2 continues there and gives the same data as one pass."""
     from safetensors.torch import load_file
