@@ -1,14 +1,16 @@
-"""onnxruntime CPU latency and file size of the exported forms: FP32 vs INT8 (ort / trt / static) vs INT4 weights.
+"""onnxruntime CPU latency and file size of the exported forms: FP32 vs INT8 (ort / ort-int / trt / static) vs INT4 weights.
 
     python benchmarks/bench_onnx.py                       # embedded digits UNet (if trained) + SD-shaped UNet
     python benchmarks/bench_onnx.py --unet path/to/unet   # a diffusers UNet or pipeline folder
-    python benchmarks/bench_onnx.py --no-unet --repeats 5 --threads 2
+    python benchmarks/bench_onnx.py --no-unet --repeats 5 --threads 2,1
 
 Per model: quantize W8A8 (10 timestep groups, weights min-max, activation scales from two random-input
 observing passes: scale values do not change latency), trace once, lower to every form,
 then time all contenders interleaved (round-robin, rotating start), each in its own fresh session at
 optimization level ``all`` with the faithful session settings of ``OnnxRuntimeRunner``; the median of
-``--repeats`` calls after one warm-up is reported. The FP32 baseline is the ``fp`` form of the same trace
+``--repeats`` calls after one warm-up is reported. ``--threads 2,1`` times every batch once per thread count
+(fresh sessions each time). ``ort-int`` is the ``ort`` form with Convs / weight MatMuls as integer GEMMs
+(``questdeploy/export/ort_integer.py``). The FP32 baseline is the ``fp`` form of the same trace
 (same graph minus Q/DQ). ``ort-quantize_static`` is onnxruntime's own QDQ quantizer (Conv/MatMul inputs
 *and outputs*, constant scales) on the FP32 file: not a questdeploy form, a yardstick for what ORT's
 integer kernels reach on this model. Prints a markdown table; ``--json`` writes the numbers too.
@@ -119,6 +121,8 @@ def export_contenders(unet, name: str, workdir: Path, seq_len: int, ort_referenc
         ("fp32", "fp", False, q),
         ("int8 ort (per-timestep)", "ort", False, q),
         ("int8 ort (static)", "ort", True, q),
+        ("int8 ort-int (per-timestep)", "ort-int", False, q),
+        ("int8 ort-int (static)", "ort-int", True, q),
         ("int8 trt (per-timestep)", "trt", False, q_trt),
         ("int8 trt (static)", "trt", True, q_trt),
     ]:
@@ -164,40 +168,42 @@ def bench_model(name: str, unet, args, workdir: Path, seq_len: int) -> dict:
     result = {"model": name, "params_m": sum(p.numel() for p in unet.parameters()) / 1e6, "latency_ms": {}, "bytes": {}}
     for k, p in {**paths, **sizes}.items():
         result["bytes"][k] = file_size(p)
-    for b in args.batches:
-        t0 = time.time()
-        feed = feeds_for(unet, b, seq_len, seed=100 + b)
-        result["latency_ms"][b] = time_contenders(paths, feed, args.repeats, args.threads)
-        log(f"{name}: batch {b} timed in {time.time() - t0:.0f} s")
+    for threads in args.threads:
+        for b in args.batches:
+            t0 = time.time()
+            feed = feeds_for(unet, b, seq_len, seed=100 + b)
+            result["latency_ms"][f"{threads}t_b{b}"] = time_contenders(paths, feed, args.repeats, threads)
+            log(f"{name}: {threads} thread(s), batch {b} timed in {time.time() - t0:.0f} s")
     return result
 
 
 def print_table(results: list[dict], args) -> None:
     import onnxruntime as ort
 
-    print(f"\nonnxruntime {ort.__version__} CPU, {args.threads} threads, optimization 'all', median of {args.repeats} "
-          f"interleaved calls; CPU {platform.processor() or platform.machine()} [{cpu_flags()}]\n")
+    print(f"\nonnxruntime {ort.__version__} CPU, {','.join(map(str, args.threads))} thread(s), optimization 'all', "
+          f"median of {args.repeats} interleaved calls; CPU {platform.processor() or platform.machine()} [{cpu_flags()}]\n")
+    cols = [(t, b) for t in args.threads for b in args.batches]
     for res in results:
         fp_bytes = res["bytes"]["fp32"]
         print(f"### {res['model']} ({res['params_m']:.1f} M parameters)\n")
-        head = "| contender | file MB | size vs FP32 |" + "".join(f" batch {b} ms | speed-up b{b} |" for b in args.batches)
+        head = "| contender | file MB | size vs FP32 |" + "".join(f" {t}t b{b} ms | speed-up {t}t b{b} |" for t, b in cols)
         print(head)
-        print("|" + "---|" * (3 + 2 * len(args.batches)))
+        print("|" + "---|" * (3 + 2 * len(cols)))
         for k, nbytes in res["bytes"].items():
             row = f"| {k} | {nbytes / 1e6:.2f} | {nbytes / fp_bytes:.3f} |"
-            for b in args.batches:
-                lat = res["latency_ms"].get(b, {})
+            for t, b in cols:
+                lat = res["latency_ms"].get(f"{t}t_b{b}", {})
                 if k in lat:
                     row += f" {lat[k]:.1f} | {lat['fp32'] / lat[k]:.2f}x |"
                 else:
                     row += " - | - |"
             print(row)
-        for b in args.batches:
-            lat = res["latency_ms"].get(b, {})
-            for form in ("ort", "trt"):
+        for t, b in cols:
+            lat = res["latency_ms"].get(f"{t}t_b{b}", {})
+            for form in ("ort", "ort-int", "trt"):
                 pt, st = lat.get(f"int8 {form} (per-timestep)"), lat.get(f"int8 {form} (static)")
                 if pt and st:
-                    print(f"\nbatch {b}: {form} per-timestep vs static: {100 * (pt / st - 1):+.1f} %", end="")
+                    print(f"\n{t} thread(s), batch {b}: {form} per-timestep vs static: {100 * (pt / st - 1):+.1f} %", end="")
         print("\n")
 
 
@@ -210,15 +216,17 @@ def main(argv=None) -> int:
     ap.add_argument("--sd-layers", type=int, default=1, help="layers_per_block of the SD-shaped UNet")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--threads", default=str(min(2, os.cpu_count() or 1)),
+                    help="intra-op thread counts, comma-separated (e.g. 2,1): each is timed with fresh sessions")
     ap.add_argument("--no-ort-reference", dest="ort_reference", action="store_false",
                     help="skip onnxruntime's quantize_static yardstick row")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the ONNX files here (default: a temp dir)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in str(args.batches).split(",")]
+    args.threads = [int(t) for t in str(args.threads).split(",")]
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(max(args.threads))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)

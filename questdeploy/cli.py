@@ -185,7 +185,8 @@ def finetune_options(f):
         click.option("--cma-iters", "cma_iters_per_group", type=int, default=_FT.cma_iters_per_group, show_default=True,
                      help="Attention finetuning iterations per group and epoch."),
         click.option("--cma-epochs", type=int, default=_FT.cma_epochs, show_default=True),
-        click.option("--lr-weights", type=float, default=_FT.lr_weights, show_default=True),
+        click.option("--lr-weights", type=float, default=None,
+                     help="Weight learning rate [default: 1e-4 for quest, 1e-5 for full]."),
         click.option("--lr-scales", type=float, default=_FT.lr_scales, show_default=True),
         click.option("--checkpoint-every", type=int, default=_FT.checkpoint_every, show_default=True,
                      help="Iterations between resume points; an interrupted finetune continues from the last one."),
@@ -236,6 +237,7 @@ _DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBI
 EPILOG_EXPORT = """\b
 Examples:
   questdeploy export --onnx                     # ort form: per-timestep scales via Gather inside Q/DQ
+  questdeploy export --onnx --target ort-int    # onnxruntime CPU speed: Convs/MatMuls as integer GEMMs
   questdeploy export --onnx --target trt        # TensorRT form: constant Q/DQ scales (finetune with --target trt)
   questdeploy export --onnx --static-scales     # one scale for all timesteps (what other tools ship)
 """
@@ -259,8 +261,9 @@ Examples:
 @cli.command(epilog=EPILOG_EXPORT)
 @common_options
 @click.option("--onnx", "onnx_flag", is_flag=True, default=True, help="Export to ONNX (the only format; accepted for clarity).")
-@click.option("--target", type=click.Choice(["ort", "trt", "fp"]), default="ort", show_default=True,
-              help="Graph form: ort (onnxruntime), trt (TensorRT), fp (the float baseline).")
+@click.option("--target", type=click.Choice(["ort", "ort-int", "trt", "fp"]), default="ort", show_default=True,
+              help="Graph form: ort (onnxruntime, Q/DQ), ort-int (onnxruntime, Convs and weight MatMuls as integer "
+                   "GEMMs: faster on CPU, fixed height/width), trt (TensorRT), fp (the float baseline).")
 @click.option("--static-scales", is_flag=True, help="Collapse each per-timestep scale table to one scale (baseline).")
 def export(onnx_flag, target, static_scales, **common):
     """Export the finetuned quantized model to ONNX (opset 21) with Q/DQ nodes carrying its scales."""

@@ -302,12 +302,12 @@ def questdeploy_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {k[len(META_PREFIX):]: v for k, v in metadata(model).items() if k.startswith(META_PREFIX)}
 
 
-FORMS = ("fp", "ort", "trt")
+FORMS = ("fp", "ort", "trt", "ort-int")
 
 
 @dataclass
 class FormInfo:
-    form: str  # "fp" | "ort" | "trt"
+    form: str  # "fp" | "ort" | "trt" | "ort-int"
     source: str  # "metadata" | "graph" | "override"
     qdq_nodes: int = 0
     runtime_scales: int = 0  # Q/DQ whose scale is not a build-time constant
@@ -317,13 +317,16 @@ class FormInfo:
 def detect_form(model: onnx.ModelProto, override: str | None = None, index: GraphIndex | None = None) -> FormInfo:
     """Which export form a model is in: metadata ``questdeploy.form`` first, then the graph itself.
 
-    Graph rule: any Q/DQ whose scale is not a build-time constant => ``ort``; Q/DQ all constant => ``trt``;
-    no Q/DQ => ``fp``. A metadata value that contradicts the graph is noted (the graph wins for the lint).
+    Graph rule: any MatMulInteger / MatMulIntegerToFloat => ``ort-int``; else any Q/DQ whose scale is not a
+    build-time constant => ``ort``; Q/DQ all constant => ``trt``; no Q/DQ => ``fp``. A metadata value that
+    contradicts the graph is noted (the graph wins for the lint).
     """
     ix = index or GraphIndex(model, infer_shapes=False)
     qdq = [n for n in ix.nodes(QUANTIZE, DEQUANTIZE)]
     runtime = [n for n in qdq if len(n.input) > 1 and not ix.is_constant(n.input[1])]
     graph_form = "fp" if not qdq else ("ort" if runtime else "trt")
+    if qdq and any(n.op_type in ("MatMulInteger", "MatMulIntegerToFloat") for n in ix.graph.node):
+        graph_form = "ort-int"
     info = FormInfo(graph_form, "graph", len(qdq), len(runtime))
     meta_form = questdeploy_metadata(model).get("form")
     if meta_form in FORMS:

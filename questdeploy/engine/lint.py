@@ -40,6 +40,7 @@ from .graph import (
     GraphIndex,
     detect_form,
     load_model,
+    questdeploy_metadata,
     type_name,
 )
 
@@ -368,19 +369,32 @@ _UNSUPPORTED_QOPS = {
 
 @rule("custom-domain", "no custom-domain operators (TensorRT has no plugin for them) and no QLinear/Integer ops")
 def rule_custom_domain(ix: GraphIndex) -> list[Finding]:
+    ort_int = questdeploy_metadata(ix.model).get("form") == "ort-int"  # our onnxruntime-only form: re-export
     out = []
     for n in ix.graph.node:
         if n.domain not in DEFAULT_DOMAINS:
             fix = ("lower the questdeploy marker nodes (the exporter's lowering step) before saving"
-                   if n.domain.startswith("questdeploy") else
+                   if n.domain.startswith("questdeploy") else "export with `--target trt`" if ort_int else
                    "save the model without onnxruntime graph optimizations (they create com.microsoft fused ops), "
                    "or provide a TensorRT plugin")
             out.append(Finding("custom-domain", ERROR, ix.label(n),
                                f"{n.op_type} is in custom domain '{n.domain}': TensorRT's ONNX parser has no importer for it.", fix))
         elif n.op_type in _UNSUPPORTED_QOPS:
             out.append(Finding("custom-domain", ERROR, ix.label(n), f"{n.op_type}: {_UNSUPPORTED_QOPS[n.op_type]}.",
+                               "export with `--target trt`" if ort_int else
                                "use QuantizeLinear/DequantizeLinear pairs around float Conv/MatMul (QDQ format)"))
     return out
+
+
+@rule("ort-int-form", "the onnxruntime-only `ort-int` form (integer GEMMs, fixed H/W) is not a TensorRT input")
+def rule_ort_int_form(ix: GraphIndex) -> list[Finding]:
+    if questdeploy_metadata(ix.model).get("form") != "ort-int":
+        return []
+    return [Finding("ort-int-form", ERROR, "<model>",
+                    "this ONNX is questdeploy's `ort-int` form: Convs and weight MatMuls are im2col + integer GEMMs "
+                    "(MatMulInteger / MatMulIntegerToFloat) for onnxruntime's CPU kernels; TensorRT parses neither and "
+                    "builds its own INT8 kernels from Q/DQ around float Conv / MatMul.",
+                    "export with `--target trt`")]
 
 
 @rule("uint8-activation", "TensorRT quantizes to INT8, not UINT8")

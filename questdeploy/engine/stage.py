@@ -47,6 +47,11 @@ def profile_findings(ix: GraphIndex, form: str, profile: BuildProfile) -> list[F
                            "this ONNX is in the `ort` form (per-timestep scales read by Gather inside Q/DQ): "
                            "TensorRT needs build-time constant Q/DQ scales.",
                            "export with `--target trt` and build that file"))
+    elif form == "ort-int":
+        out.append(Finding("profile", ERROR, "<model>",
+                           "this ONNX is in the onnxruntime-only `ort-int` form (integer GEMMs, im2col baked for one "
+                           "size): TensorRT builds engines from Q/DQ around float Conv / MatMul.",
+                           "export with `--target trt` and build that file"))
     if profile.form == "fp" and qdq:
         out.append(Finding("profile", ERROR, "<model>", f"{where} builds the float baseline but the graph has {len(qdq)} Q/DQ node(s).",
                            "build a quantized export with --profile int8 / int4, or give the `--target fp` export"))
@@ -93,7 +98,7 @@ def build_engine_stage(
     ``files``; after a build also ``plan``, ``manifest``, ``build`` and ``triton``. With ``check_only`` it
     returns after the lint whatever the verdict (the caller maps ``lint.passed = False`` to a failing exit).
 
-    Raises, after the lint report and the command lines are on disk: ``WrongOnnxFormError`` (``ort`` form),
+    Raises, after the lint report and the command lines are on disk: ``WrongOnnxFormError`` (``ort`` / ``ort-int`` form),
     ``LintFailedError`` (TensorRT rule errors), ``TensorRTNotInstalledError``, ``NoCudaDeviceError``,
     ``EngineBuildError``; ``ProfileError`` for bad profile / --batch / --dim values (before anything runs).
     """
@@ -146,6 +151,12 @@ def build_engine_stage(
         raise WrongOnnxFormError(
             f"{onnx_path} is in the `ort` form (Q/DQ scales read at run time by Gather): TensorRT needs build-time "
             f"constant scales ({report.form_source} says so; lint report in {out_dir / 'lint.txt'}).",
+            hint="export with `--target trt` and build that file",
+        )
+    if info.form == "ort-int":
+        raise WrongOnnxFormError(
+            f"{onnx_path} is in the onnxruntime-only `ort-int` form (integer GEMMs for onnxruntime's CPU kernels): "
+            f"TensorRT cannot build it ({report.form_source} says so; lint report in {out_dir / 'lint.txt'}).",
             hint="export with `--target trt` and build that file",
         )
     if not report.passed:

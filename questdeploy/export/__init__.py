@@ -1,7 +1,8 @@
 """ONNX export of (quantized) diffusers UNets and its numerical verification.
 
-``export_onnx(model, path, target="ort"|"trt"|"fp", static_scales=False)`` writes a standard-ops opset-21
-file; ``trace`` / ``lower_marked`` / ``save_onnx`` are its steps (trace once, lower many forms).
+``export_onnx(model, path, target="ort"|"ort-int"|"trt"|"fp", static_scales=False)`` writes an opset-21
+file (standard ops; ``ort-int`` with static scales uses onnxruntime's ``MatMulIntegerToFloat``);
+``trace`` / ``lower_marked`` / ``save_onnx`` are its steps (trace once, lower many forms).
 ``verify`` compares an exported file against PyTorch (per timestep, trajectory, per layer).
 """
 
@@ -24,11 +25,13 @@ from .onnx_export import (
     save_onnx,
     trace,
 )
+from .ort_integer import DynamicSpatialShapeError, OrtIntegerError, integerize
 from .qdq import FORMS, LowerReport, collapsed_act_scales, lower, params_from_model, static_scale
 
 __all__ = [
     "export_onnx", "trace", "lower_marked", "save_onnx", "check_onnx", "file_size", "model_info",
     "example_inputs_for", "ExportResult", "ExportError", "MarkedGraph", "LowerReport", "lower",
     "params_from_model", "static_scale", "collapsed_act_scales", "FORMS", "TARGETS", "DEFAULT_OPSET",
-    "INPUT_SAMPLE", "INPUT_TIMESTEP", "INPUT_CONTEXT", "OUTPUT",
+    "INPUT_SAMPLE", "INPUT_TIMESTEP", "INPUT_CONTEXT", "OUTPUT", "integerize", "OrtIntegerError",
+    "DynamicSpatialShapeError",
 ]

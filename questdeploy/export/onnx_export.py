@@ -6,7 +6,7 @@ Pipeline (each step usable alone):
    quantizers' export hook active, so every enabled quantizer leaves a marker node (``markers.py``).
    This is the only slow step (torch.export); trace once, lower many times.
 2. ``lower_marked(marked, target, ...)`` -> ``(onnx.ModelProto, LowerReport)``: the requested form
-   (``qdq.py`` documents the forms). The quantizer parameters are read from the traced model or from
+   (``qdq.py`` documents the forms; ``ort-int`` is the ``ort`` form passed through ``ort_integer.integerize``). The quantizer parameters are read from the traced model or from
    any model with the same quantizer names (``params_from=``), e.g. a W4A8 sibling of a W8A8 trace.
 3. ``save_onnx(proto, path)``: atomic write; tensors go to one external data file when the model would
    exceed protobuf's 2 GB limit. ``check_onnx(path)`` runs ``onnx.checker`` with ``full_check=True``.
@@ -46,13 +46,15 @@ from torch import nn
 from questdeploy.errors import QuestDeployError
 
 from . import markers
+from .ort_integer import FORM as INTEGER_FORM
+from .ort_integer import integerize
 from .qdq import FORMS, LowerReport, get_metadata, lower, params_from_model
 
 INPUT_SAMPLE = "sample"
 INPUT_TIMESTEP = "timestep"
 INPUT_CONTEXT = "encoder_hidden_states"
 OUTPUT = "out_sample"
-TARGETS = FORMS  # "fp", "ort", "trt"
+TARGETS = FORMS + (INTEGER_FORM,)  # "fp", "ort", "trt", "ort-int"
 DEFAULT_OPSET = 21
 _EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of tensor data; protobuf's hard limit is 2 GiB
 
@@ -248,7 +250,10 @@ def lower_marked(
     static_reduce: str = "max",
     params_from: nn.Module | dict | None = None,
 ) -> tuple[onnx.ModelProto, LowerReport]:
-    """Lower a ``MarkedGraph`` into ``target`` ("fp" | "ort" | "trt").
+    """Lower a ``MarkedGraph`` into ``target`` ("fp" | "ort" | "trt" | "ort-int").
+
+    ``ort-int``: the ``ort`` form, then every quantized Conv / weight MatMul rewritten as an integer GEMM
+    (``ort_integer.integerize``; the report's ``integer`` entry says what was rewritten and what was kept).
 
     ``params_from``: a ``QuantizedUNet`` (or ``{name: quantizer}``) whose quantizers replace the traced
     ones, by name: lets one trace serve W8A8 / W4A8 / W4A4 models of the same architecture.
@@ -283,10 +288,14 @@ def lower_marked(
     meta = {"io": json.dumps({"inputs": marked.input_names, "outputs": [OUTPUT]})}
     if spec_json and target != "fp":
         meta["quant_spec"] = spec_json
-    return lower(
-        marked.model, params_from_model(quantizers), target, timestep_edges=edges, static_scales=static_scales,
-        static_reduce=static_reduce, timestep_input=INPUT_TIMESTEP, metadata=meta,
+    proto, report = lower(
+        marked.model, params_from_model(quantizers), "ort" if target == INTEGER_FORM else target, timestep_edges=edges,
+        static_scales=static_scales, static_reduce=static_reduce, timestep_input=INPUT_TIMESTEP, metadata=meta,
     )
+    if target == INTEGER_FORM:
+        proto, integer = integerize(proto)
+        report.form, report.integer = INTEGER_FORM, integer.to_dict()
+    return proto, report
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,7 +398,8 @@ def export_onnx(
     """Export ``model`` (``QuantizedUNet`` or float diffusers UNet) to ``out_path`` in ``target`` form.
 
     ``target``: ``"fp"`` (float graph), ``"ort"`` (Q/DQ with in-graph per-timestep scales, uint8
-    activations), ``"trt"`` (constant Q/DQ scales, per-timestep scale outside the pair, int8);
+    activations), ``"ort-int"`` (the ``ort`` form with Convs / weight MatMuls as integer GEMMs: onnxruntime's
+    fast CPU form; fixed height and width), ``"trt"`` (constant Q/DQ scales, per-timestep scale outside the pair, int8);
     ``static_scales``: one scale per activation quantizer (``static_reduce`` over groups).
     A float UNet exports only as ``"fp"``. ``marked``: reuse an earlier ``trace`` of this model.
     """

@@ -187,14 +187,18 @@ class LowerReport:
     unfused: list[str] = field(default_factory=list)  # trt form: rescale Mul right after DQ
     trt_violations: list[str] = field(default_factory=list)
     quant_tensors: dict[str, dict] = field(default_factory=dict)  # key -> {"tensor", "unit_scale"}
+    integer: dict | None = None  # ort-int form: ort_integer.IntegerReport.to_dict()
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "form": self.form, "static_scales": self.static_scales, "num_groups": self.num_groups,
             "activation_quantizers": self.activation_quantizers, "weight_quantizers": self.weight_quantizers,
             "float_markers_removed": self.float_markers_removed, "int4_widened": self.int4_widened, "unfused": list(self.unfused),
             "trt_violations": list(self.trt_violations),
         }
+        if self.integer is not None:
+            out["integer"] = self.integer
+        return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ What is measured
 (d) ``per_layer_compare``: every activation quantizer's Q/DQ output exposed as a graph output and
     compared with the PyTorch quantizer's output (captured with forward hooks), in units of the
     quantization step (LSB): where the first LSB flip appears and how far it spreads. For debugging.
+(e) ``integer_layer_exactness`` (``ort-int`` form only): every integer Conv / MatMul teacher-forced against
+    the float64 PyTorch layer. In that form the activation ``QuantizeLinear`` nodes are those of the ``ort``
+    form, so (d) and ``quantizer_exactness`` read them as usual; the rewritten layers are checked by (e).
 
 ``save_polygraphy_io`` writes golden inputs / outputs that ``polygraphy run model.onnx --onnxrt
 --load-inputs inputs.json --load-outputs outputs.json`` (or ``--trt`` on a GPU host) checks later.
@@ -367,6 +370,65 @@ def quantizer_exactness(onnx_path, qunet, feed: dict, optimization: str = "off",
     return rows
 
 
+def integer_layer_exactness(onnx_path, qunet, feed: dict, optimization: str = "off") -> list[dict]:
+    """Teacher-forced check of every integer GEMM of an ``ort-int`` export (its rewritten Convs / weight MatMuls).
+
+    Fetches each layer's integer input (the quantized activation the GEMM reads) and its float output from the
+    graph, and recomputes the layer in float64 with PyTorch from the *checkpoint's* weights: ``conv2d`` /
+    ``linear`` of ``(x_q - zero_point) * s[g]`` with the fake-quant weight and bias of the module named by the
+    layer's input quantizer (stride and padding from the module, not from the graph). An integer GEMM with
+    int32 accumulation is exact, so what remains is the float32 rounding of the rescale: rows
+    ``{"name", "quantizer", "kind", "rel_err"}`` with ``rel_err = max|y - y_ref| / max|y_ref|`` ~1e-7; a wrong
+    im2col index, weight layout, padding value or scale shows up as O(1). Empty for other forms.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from questdeploy.runners.onnxrt import OnnxRuntimeRunner
+
+    from .qdq import static_scale
+
+    model = onnx.load(str(onnx_path))
+    meta = get_metadata(model)
+    layers = [entry for entry in json.loads(meta.get("integer_layers", "[]") or "[]") if entry.get("quantizer")]
+    if not layers:
+        return []
+    qt = json.loads(meta.get("quant_tensors", "{}") or "{}")
+    static = json.loads(meta.get("static_scales", "false"))
+    reduce = meta.get("static_reduce", "max")
+    types = {entry["input"]: qt[entry["quantizer"]].get("q_type", onnx.TensorProto.UINT8) for entry in layers}
+    ext = with_outputs(model, [e["input"] for e in layers] + [e["output"] for e in layers], types)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "int.onnx"
+        onnx.save_model(ext, str(path), save_as_external_data=True, location="int.onnx.data")
+        with OnnxRuntimeRunner(path, optimization=optimization) as runner:
+            got = runner.infer(feed)
+    g = qunet.group_of(torch.from_numpy(np.asarray(feed[TIMESTEP], np.float32).reshape(-1)))
+    quantizers = qunet.quantizers()
+    rows = []
+    with torch.no_grad():
+        for e in layers:
+            key = e["quantizer"].split("#")[0]
+            table = quantizers[key].scales.detach().float().cpu().numpy()
+            s = float(static_scale(table, reduce)) if static else float(table[g])
+            module = qunet.unet.get_submodule(key.rsplit(".", 1)[0])
+            w = module.weight if module.weight_quantizer is None else module.weight_quantizer(module.weight)
+            x = torch.from_numpy((got[e["input"]].astype(np.float64) - qt[e["quantizer"]].get("zero_point", 0)) * s)
+            b = None if module.bias is None else module.bias.double()
+            if e["kind"] == "conv":
+                ref = F.conv2d(x, w.double(), b, stride=module.stride, padding=module.padding)
+            else:
+                ref = F.linear(x, w.double(), b)
+            ref = ref.numpy()
+            y = got[e["output"]].astype(np.float64)
+            if y.shape != ref.shape:
+                raise ValueError(f"{e['node']}: graph output {y.shape} vs PyTorch {ref.shape}")
+            scale = float(np.abs(ref).max()) or 1.0
+            rows.append({"name": e["node"], "quantizer": e["quantizer"], "kind": e["kind"],
+                         "rel_err": float(np.abs(y - ref).max() / scale)})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 # tolerances
 
@@ -381,6 +443,7 @@ class Tolerances:
     call_cosine: float = 0.999  # per-call cosine, min over the schedule
     reference_rel_l2: float = 0.05  # one call vs onnx.reference
     trajectory_psnr_db: float = 30.0  # final images of whole trajectories
+    integer_layer_rel_err: float = 1e-5  # ort-int: teacher-forced integer Conv / MatMul vs float64 (exact: ~1e-7)
 
     @classmethod
     def exact(cls) -> "Tolerances":
@@ -428,6 +491,11 @@ def check_tolerances(report: dict, tol: Tolerances | None = None) -> tuple[bool,
         worst = ex.get("worst") or {}
         fails.append(f"{ex['mismatches']} quantized values differ from round(x / s[g]) given the same input "
                      f"(e.g. {worst.get('name')}): wrong scale, group, zero point or rounding in the export")
+    il = report.get("integer_layers")
+    if il and il.get("layers") and il["rel_err_max"] > tol.integer_layer_rel_err:
+        fails.append(f"integer layer {il['worst']} differs from the float layer on the same quantized input by "
+                     f"{il['rel_err_max']:.3g} (relative) > {tol.integer_layer_rel_err:g}: wrong im2col index, weight "
+                     "layout, padding or scale in the ort-int rewrite")
     return (not fails), fails
 
 
@@ -471,6 +539,15 @@ def verify_report(
         report["exactness"] = {"feeds": 2, "quantizers": len(rows) // 2, "elements": sum(r["elements"] for r in rows),
                                "mismatches": sum(r["mismatches"] for r in rows),
                                "worst": bad if bad and bad["mismatches"] else None}
+        if _metadata(onnx_path).get("form") == "ort-int":
+            rows = [r for f in (feeds[0], feeds[-1]) for r in integer_layer_exactness(onnx_path, qunet, f)]
+            worst = max(rows, key=lambda r: r["rel_err"]) if rows else None
+            report["integer_layers"] = {
+                "feeds": 2, "layers": len(rows) // 2, "rel_err_max": worst["rel_err"] if worst else 0.0,
+                "worst": worst["name"] if worst else None,
+                "what": "each integer Conv / MatMul of the ort-int rewrite on its own quantized input vs the float64 "
+                        "PyTorch layer (checkpoint weights); the activation quantizers are checked above, unchanged",
+            }
     passed, reasons = check_tolerances(report, tol)
     report["tolerances"] = tol.to_dict()
     report["passed"] = passed

@@ -1,6 +1,8 @@
 """Export stage: finetune checkpoint -> ``export/model.onnx`` (opset 21, standard ops, Q/DQ form per target).
 
 ``ort``: per-timestep scales read by Gather inside Q/DQ (onnxruntime fuses it into QLinear ops).
+``ort-int``: the ``ort`` form with every quantized Conv / weight MatMul as an integer GEMM (im2col +
+         MatMulInteger): onnxruntime's fast CPU form; height and width are fixed (export/ort_integer.py).
 ``trt``: constant Q/DQ scales, the per-timestep scale in a Mul before Q and after the layer (TensorRT).
 ``fp``:  the unquantized float graph (the baseline engines and benchmarks compare against).
 """
@@ -17,7 +19,7 @@ from ..errors import ConfigError
 from .base import Stage, StageContext
 
 ONNX_NAME = "model.onnx"
-TARGETS = ("ort", "trt", "fp")
+TARGETS = ("ort", "ort-int", "trt", "fp")
 
 
 @dataclass
@@ -27,7 +29,7 @@ class ExportConfig:
 
     def __post_init__(self):
         if self.target not in TARGETS:
-            raise ConfigError(f"unknown --target {self.target!r}.", hint="use ort (onnxruntime), trt (TensorRT) or fp.")
+            raise ConfigError(f"unknown --target {self.target!r}.", hint="use ort (onnxruntime), ort-int (onnxruntime, integer Conv/MatMul kernels), trt (TensorRT) or fp.")
         if self.static_scales and self.target == "fp":
             raise ConfigError("--static-scales has no meaning for --target fp.", hint="drop it, or export ort / trt.")
 

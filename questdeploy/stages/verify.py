@@ -2,9 +2,12 @@
 
 (a) one UNet call at every sampler timestep (max-abs, relative L2, cosine), (b) the whole DDIM trajectory
 from the same noise (final-image PSNR), (c) one call against ``onnx.reference`` (an independent oracle),
-(d) with ``--per-layer``, every quantizer's output compared, for debugging. Writes ``verify.json``,
-``per_timestep_error.png`` and golden I/O in Polygraphy's JSON format (``golden_inputs.json`` /
-``golden_outputs.json``) for ``polygraphy run --trt --load-inputs ... --load-outputs ...`` on a GPU host.
+(d) with ``--per-layer``, every quantizer's output compared, for debugging; (e) for the ``ort-int`` form, always,
+every integer Conv / MatMul teacher-forced against the float64 PyTorch layer (``integer_layers`` in verify.json;
+the activation quantizers of that form are the ``ort`` form's, so the teacher-forced quantizer check and (d) run
+as usual). Writes ``verify.json``, ``per_timestep_error.png`` and golden I/O in Polygraphy's JSON format
+(``golden_inputs.json`` / ``golden_outputs.json``) for ``polygraphy run --trt --load-inputs ... --load-outputs ...``
+on a GPU host.
 
 A tolerance breach still records the (complete) report, then fails the command.
 """
@@ -56,6 +59,22 @@ def load_our_onnx(path: Path) -> onnx.ModelProto:
     return model
 
 
+def reference_runner(path: Path, model: onnx.ModelProto):
+    """The ``onnx.reference`` oracle for the export at ``path`` and a note for verify.json (None when it runs the
+    file as is). ``onnx.reference`` implements no ``com.microsoft`` op: an ``ort-int`` export written with
+    ``MatMulIntegerToFloat`` (static scales) is evaluated with each of those nodes expanded to the standard ops
+    it stands for (``MatMulInteger -> Cast -> Mul -> Add``); every other node is the file's own."""
+    from ..export.ort_integer import MS_DOMAIN, expand_contrib_ops
+    from ..runners.reference import ReferenceRunner
+
+    if not any(n.domain == MS_DOMAIN for n in model.graph.node):
+        return ReferenceRunner(str(path), name="onnx.reference"), None
+    full = onnx.load(str(path))
+    note = ("onnx.reference has no com.microsoft ops: it ran this file with each MatMulIntegerToFloat expanded to "
+            "MatMulInteger -> Cast -> Mul -> Add (its definition); all other nodes as exported")
+    return ReferenceRunner(expand_contrib_ops(full), name="onnx.reference (contrib ops expanded)"), note
+
+
 def tolerances_for(cfg: VerifyConfig):
     from ..export.verify import Tolerances
 
@@ -70,8 +89,8 @@ def tolerances_for(cfg: VerifyConfig):
 
 def execute(ctx: StageContext, cfg: VerifyConfig, out: Path) -> dict:
     from ..export import verify as V
+    from ..export.onnx_export import model_info
     from ..runners.onnxrt import OnnxRuntimeRunner
-    from ..runners.reference import ReferenceRunner
     from ..runners.torch_runner import TorchRunner
 
     path = ctx.run.stage_dir("export") / ONNX_NAME
@@ -83,7 +102,7 @@ def execute(ctx: StageContext, cfg: VerifyConfig, out: Path) -> dict:
     noise = initial_noise(cfg.num_samples, ctx.model.sample_shape, ctx.seed)
     ref = TorchRunner(V.torch_model_for(model, qunet), name="torch")
     test = OnnxRuntimeRunner(str(path), optimization=cfg.optimization, name=f"onnxruntime(opt={cfg.optimization})")
-    oracle = ReferenceRunner(str(path), name="onnx.reference")
+    oracle, oracle_note = reference_runner(path, model)
     with ref, test, oracle:
         report = V.verify_report(ref, test, ctx.model.scheduler_config, noise, cond, cfg.steps, reference=oracle,
                                  tolerances=tol, onnx_path=str(path), qunet=qunet)
@@ -94,14 +113,19 @@ def execute(ctx: StageContext, cfg: VerifyConfig, out: Path) -> dict:
     V.save_polygraphy_io(feeds, {test.name: golden}, out / "golden_inputs.json", out / "golden_outputs.json")
     V.plot_per_timestep({test.name: report["per_timestep"]["rows"]}, out / "per_timestep_error.png",
                         title=f"{path.name}: onnxruntime vs PyTorch quantized model")
+    if oracle_note and "reference" in report:
+        report["reference"]["note"] = oracle_note
+    report["form"] = model_info(model).get("form")
     report["config"] = asdict(cfg)
     (out / "verify.json").write_text(json.dumps(V.json_ready(report), indent=2, default=float))
     s = report["per_timestep"]["summary"]
     exact = report.get("exactness") or {}
+    integer = report.get("integer_layers") or {}
     return {"passed": report["passed"], "failures": report["failures"], "rel_l2_max": s["rel_l2_max"],
             "rel_l2_mean": s.get("rel_l2_mean"), "quantizer_mismatches": exact.get("mismatches"),
             "cosine_min": s["cosine_min"], "trajectory_psnr_db": report.get("trajectory", {}).get("psnr_db"),
-            "reference_rel_l2": (report.get("reference", {}).get("out_sample") or {}).get("rel_l2")}
+            "reference_rel_l2": (report.get("reference", {}).get("out_sample") or {}).get("rel_l2"),
+            "integer_layer_rel_err_max": integer.get("rel_err_max")}
 
 
 def raise_if_failed(summary: dict) -> None:

@@ -123,3 +123,25 @@ def test_same_seed_same_onnx_bytes(trt_run, capsys):
     first = sha256_file(run / "export" / "model.onnx")
     assert main(["export", *common, "--target", "trt", "--force", "--quiet"]) == 0
     assert sha256_file(run / "export" / "model.onnx") == first
+
+
+def test_ort_int_export_verifies_and_the_trt_lint_refuses_it(tmp_path, tiny_cond_pipeline, capsys):
+    run = tmp_path / "r"
+    common = ["--model", str(tiny_cond_pipeline), "--run-dir", str(run)]
+    assert main(["calibrate", *common, *CAL]) == 0
+    assert main(["finetune", *common, *PTQ, "--bits", "w8a8"]) == 0
+    assert main(["export", *common, "--target", "ort-int", "--quiet"]) == 0
+    info = json.loads((run / "export" / "export.json").read_text())
+    assert info["target"] == "ort-int" and info["lowering"]["integer"]["convs"] > 0
+    assert main(["verify", *common, "--steps", "3", "--num-samples", "2", "--quiet"]) == 0
+    rep = json.loads((run / "verify" / "verify.json").read_text())
+    assert rep["passed"] and rep["form"] == "ort-int" and rep["exactness"]["mismatches"] == 0
+    assert rep["integer_layers"]["layers"] == info["lowering"]["integer"]["convs"] + info["lowering"]["integer"]["linears"]
+    assert rep["integer_layers"]["rel_err_max"] <= 1e-6
+    assert rep["reference"]["out_sample"]["rel_l2"] <= 0.05 and rep["trajectory"]["psnr_db"] >= 30
+    capsys.readouterr()
+    assert main(["build-engine", *common, "--check-only", "--no-polygraphy-lint", "--quiet"]) != 0
+    _err_line(capsys)
+    lint = json.loads((run / "build-engine" / "lint.json").read_text())
+    fixes = {f["fix"] for f in lint["findings"] if f["rule"] in ("ort-int-form", "profile")}
+    assert lint["form"] == "ort-int" and fixes == {"export with `--target trt`", "export with `--target trt` and build that file"}
