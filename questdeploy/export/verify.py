@@ -36,6 +36,7 @@ input ``x``) must report 0 mismatches. Defaults:
 * ``Tolerances.exact()`` (vs onnxruntime optimizations **off** or ``onnx.reference``): 0 teacher-forced
   mismatches; per-call relative L2 <= 0.05 (max) and <= 0.02 (mean over the schedule); cosine >= 0.999;
   onnx.reference within 0.05; trajectory PSNR >= 30 dB.
+  With 4-bit activations the per-call max is 0.1 and the cosine 0.995 (``Tolerances.exact(act_bits=4)``).
 * ``Tolerances.optimized()`` (vs onnxruntime ``all``): per-call <= 0.1 (max) / 0.03 (mean), cosine >= 0.998,
   PSNR >= 25 dB; teacher-forced check off (fused kernels).
 A wrong scale or timestep group shows up as thousands of teacher-forced mismatches (and usually as
@@ -446,8 +447,15 @@ class Tolerances:
     integer_layer_rel_err: float = 1e-5  # ort-int: teacher-forced integer Conv / MatMul vs float64 (exact: ~1e-7)
 
     @classmethod
-    def exact(cls) -> "Tolerances":
-        """onnxruntime with optimizations off (or onnx.reference) vs the PyTorch fake-quant model."""
+    def exact(cls, act_bits: int = 8) -> "Tolerances":
+        """onnxruntime with optimizations off (or onnx.reference) vs the PyTorch fake-quant model.
+
+        ``act_bits=4``: a summation-order flip moves one activation by one step, and the 4-bit step is 18x the
+        8-bit one, so the per-call bounds double (max 0.1, cosine 0.995; the mean stays 0.02). Measured on the
+        default model's W4A4 quest checkpoint: 0 teacher-forced mismatches, max 0.056, cosine 0.9985, mean 0.0076.
+        """
+        if act_bits <= 4:
+            return cls(call_rel_l2=0.1, call_cosine=0.995)
         return cls()
 
     @classmethod

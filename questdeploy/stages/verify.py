@@ -22,6 +22,7 @@ import onnx
 import torch
 
 from ..errors import ConfigError, VerificationError
+from ..quant.quantizers import ActQuantizer
 from ..sampling import initial_noise
 from .base import Stage, StageContext
 from .export import ONNX_NAME, load_quantized
@@ -75,10 +76,11 @@ def reference_runner(path: Path, model: onnx.ModelProto):
     return ReferenceRunner(expand_contrib_ops(full), name="onnx.reference (contrib ops expanded)"), note
 
 
-def tolerances_for(cfg: VerifyConfig):
+def tolerances_for(cfg: VerifyConfig, act_bits: int = 8):
+    """The default bounds for this optimization level and the export's narrowest activation bits; flags override."""
     from ..export.verify import Tolerances
 
-    tol = Tolerances.exact() if cfg.optimization == "off" else Tolerances.optimized()
+    tol = Tolerances.exact(act_bits) if cfg.optimization == "off" else Tolerances.optimized()
     if cfg.max_rel_l2 is not None:
         tol.call_rel_l2 = tol.reference_rel_l2 = cfg.max_rel_l2
         tol.call_rel_l2_mean = min(tol.call_rel_l2_mean, cfg.max_rel_l2)
@@ -96,7 +98,7 @@ def execute(ctx: StageContext, cfg: VerifyConfig, out: Path) -> dict:
     path = ctx.run.stage_dir("export") / ONNX_NAME
     model = load_our_onnx(path)
     qunet = load_quantized(ctx)
-    tol = tolerances_for(cfg)
+    tol = tolerances_for(cfg, min((q.bits for q in qunet.quantizers().values() if isinstance(q, ActQuantizer)), default=8))
     labels = torch.arange(cfg.num_samples)
     cond = ctx.model.conditioner(labels)
     noise = initial_noise(cfg.num_samples, ctx.model.sample_shape, ctx.seed)

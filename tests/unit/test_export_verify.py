@@ -54,6 +54,12 @@ def test_tolerance_check():
     assert check_tolerances(bad, loose)[1] == ["non-finite values in the exported model's output"]
     assert Tolerances.optimized().call_rel_l2 > Tolerances.exact().call_rel_l2
     assert Tolerances.optimized().quantizer_mismatches is None
+    a4, a8 = Tolerances.exact(act_bits=4), Tolerances.exact(act_bits=8)
+    assert a8 == Tolerances() and a4.call_rel_l2 == 2 * a8.call_rel_l2 and a4.call_cosine < a8.call_cosine
+    assert a4.call_rel_l2_mean == a8.call_rel_l2_mean and a4.quantizer_mismatches == 0  # exactness stays strict
+    flip = json.loads(json.dumps(ok))
+    flip["per_timestep"]["summary"].update(rel_l2_max=0.056)
+    assert not check_tolerances(flip, a8)[0] and check_tolerances(flip, a4)[0]
     assert summarize_steps([]) == {}
 
 
