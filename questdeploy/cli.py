@@ -171,8 +171,9 @@ def finetune_options(f):
         click.option("--bits", default="w4a8", show_default=True, help="Weight/activation bits: w8a8, w4a8, w4a4 (w4a16/w8a16 weight-only)."),
         click.option("--method", type=click.Choice(["quest", "ptq", "full"]), default="quest", show_default=True,
                      help="quest: selective finetuning; ptq: calibration only; full: finetune everything (baseline)."),
-        click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
-                     help="Deployment target: ort (onnxruntime) or trt (TensorRT: signed-only quantizers, constant Q/DQ scales)."),
+        click.option("--target", type=click.Choice(["ort", "trt", "ort-int"]), default="ort", show_default=True,
+                     help="Deployment target: ort (onnxruntime), ort-int (the ort quantizers, exported for onnxruntime's "
+                          "integer kernels) or trt (TensorRT: signed-only quantizers, constant Q/DQ scales)."),
         click.option("--groups", "num_groups", type=int, default=10, show_default=True,
                      help="Timestep groups (bins over the training timesteps); 1 = one static scale."),
         click.option("--weight-granularity", type=click.Choice(["per_channel", "per_block"]), default="per_channel", show_default=True,

@@ -85,6 +85,8 @@ class FinetuneConfig:
         for k in ("batch_size", "calib_samples_per_step"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be positive.", hint="e.g. --batch-size 32.")
+        if self.target == "ort-int":  # that export form runs the ort quantizers through integer kernels
+            self.target = "ort"
         if self.lr_weights is None:
             self.lr_weights = LR_WEIGHTS[self.method]
         if self.weight_rounding not in WEIGHT_ROUNDINGS:

@@ -145,3 +145,14 @@ def test_ort_int_export_verifies_and_the_trt_lint_refuses_it(tmp_path, tiny_cond
     lint = json.loads((run / "build-engine" / "lint.json").read_text())
     fixes = {f["fix"] for f in lint["findings"] if f["rule"] in ("ort-int-form", "profile")}
     assert lint["form"] == "ort-int" and fixes == {"export with `--target trt`", "export with `--target trt` and build that file"}
+
+
+def test_run_with_the_ort_int_target_exports_that_form(tmp_path, tiny_cond_pipeline):
+    run = tmp_path / "r"
+    args = ["run", "--model", str(tiny_cond_pipeline), "--run-dir", str(run), "--calib-steps", "3", "--calib-samples", "4",
+            "--eval-samples", "2", "--method", "ptq", "--groups", "2", "--bits", "w8a8", "--target", "ort-int", "--quiet"]
+    assert main(args) == 0
+    assert json.loads((run / "export" / "export.json").read_text())["target"] == "ort-int"
+    assert json.loads((run / "verify" / "verify.json").read_text())["form"] == "ort-int"
+    spec = json.loads((run / "finetune" / "checkpoint" / "quant_spec.json").read_text())
+    assert spec["target"] == "ort"  # the checkpoint holds the ort quantizers
