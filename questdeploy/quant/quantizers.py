@@ -92,6 +92,20 @@ def weight_granularity_for(weight_shape, per_block: bool, block_size: int) -> tu
     return PerBlock(1, block_size), None
 
 
+def clipping_errors(rows: torch.Tensor, amax: torch.Tensor, ratios: torch.Tensor, qmin: int, qmax: int,
+                    p: float) -> torch.Tensor:
+    """``sum |fq(row) - row|^p`` of each row of ``rows`` (R, n) quantized with scale ``amax * ratio / qmax``,
+    for every candidate clipping ratio: ``ratios`` is (k, R) -> errors (k, R). Shared by the weight (L_p) and
+    the activation (MSE) clipping searches; memory is bounded to ~64 MB per chunk of ratios."""
+    errs = []
+    chunk = max(1, (1 << 24) // max(1, rows.numel()))
+    for r in ratios.split(chunk):
+        s = (amax[None, :] * r / qmax).unsqueeze(2)  # (k, R, 1)
+        q = torch.clamp(torch.round(rows[None] / s), qmin, qmax) * s
+        errs.append((q - rows[None]).abs().pow(p).sum(dim=2))
+    return torch.cat(errs)
+
+
 class WeightQuantizer(nn.Module):
     """Symmetric signed fake-quantizer for one weight tensor.
 
@@ -167,14 +181,7 @@ class WeightQuantizer(nn.Module):
         return w.reshape(w.shape[0], -1)
 
     def _lp_errors(self, rows: torch.Tensor, amax: torch.Tensor, ratios: torch.Tensor, p: float) -> torch.Tensor:
-        """``sum |fq(row) - row|^p`` for every candidate ratio; ``ratios`` is (k, R) -> errors (k, R)."""
-        errs = []
-        chunk = max(1, (1 << 24) // max(1, rows.numel()))  # bound memory to ~64 MB per step
-        for r in ratios.split(chunk):
-            s = (amax[None, :] * r / self.qmax).unsqueeze(2)  # (k, R, 1)
-            q = torch.clamp(torch.round(rows[None] / s), self.qmin, self.qmax) * s
-            errs.append((q - rows[None]).abs().pow(p).sum(dim=2))
-        return torch.cat(errs)
+        return clipping_errors(rows, amax, ratios, self.qmin, self.qmax, p)
 
     @torch.no_grad()
     def init_from(
@@ -388,8 +395,7 @@ class ActQuantizer(nn.Module):
         if v.numel() == 0 or amax <= 0:
             return 1.0
         ratios = torch.linspace(1.0, min_ratio, steps)
-        s = (amax * ratios / self.qmax)[:, None]
-        err = ((torch.clamp(torch.round(v[None] / s), self.qmin, self.qmax) * s - v[None]) ** 2).mean(dim=1)
+        err = clipping_errors(v[None], torch.tensor([amax]), ratios[:, None], self.qmin, self.qmax, 2.0)[:, 0]
         return float(ratios[int(torch.argmin(err))])  # first minimum: ties keep the wider range
 
     @torch.no_grad()

@@ -432,13 +432,12 @@ def quantize_unet(unet: nn.Module, config: QuantConfig | None = None, *, inplace
         if pat is not None:
             notes[name] = f"float (matches {pat!r})"
             continue
-        gran, why = weight_granularity_for(tuple(mod.weight.shape), per_block, config.block_size)
-        w_bits = 8 if config.w_bits == 4 and matches_any(name, config.weight_8bit) else config.w_bits
-        if w_bits != config.w_bits:
-            gran, why = weight_granularity_for(tuple(mod.weight.shape), False, config.block_size)
-            notes[f"{name}.weight_quantizer"] = f"8-bit weights (matches {matches_any(name, config.weight_8bit)!r})"
-        wq = WeightQuantizer(tuple(mod.weight.shape), w_bits, gran)
-        if why and w_bits == config.w_bits:
+        eight = matches_any(name, config.weight_8bit) if config.w_bits == 4 else None
+        gran, why = weight_granularity_for(tuple(mod.weight.shape), per_block and not eight, config.block_size)
+        wq = WeightQuantizer(tuple(mod.weight.shape), 8 if eight else config.w_bits, gran)
+        if eight:
+            notes[f"{name}.weight_quantizer"] = f"8-bit weights (matches {eight!r})"
+        elif why:
             notes[f"{name}.weight_quantizer"] = why
         iq = None
         if config.a_bits is not None:

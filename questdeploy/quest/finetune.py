@@ -155,33 +155,26 @@ class _Batches:
 def initialise(fp_unet: nn.Module, calib, cfg: FinetuneConfig, num_train_timesteps: int) -> QuantizedUNet:
     """PTQ: wrap a copy of the FP UNet and set weight scales and per-group activation scale tables."""
     qunet = quantize_unet(fp_unet, cfg.quant_config(num_train_timesteps))
-    n = cfg.calib_samples_per_step
     qunet.init_weight_scales()
     if cfg.weight_rounding == "gptq":
         round_weights_gptq(qunet, fp_unet, calib, cfg.gptq_samples_per_step)
-
-    def batches():
-        for i, t in enumerate(calib.timesteps):
-            x, _ = calib.step(i)
-            cond = None if calib.cond is None else calib.cond[:n]
-            yield x[:n], torch.full((min(n, x.shape[0]),), t, dtype=torch.long), cond
-
-    qunet.calibrate_activations(batches(), init_weights=False)
+    qunet.calibrate_activations(_calib_batches(calib, cfg.calib_samples_per_step), init_weights=False)
     return qunet
+
+
+def _calib_batches(calib, n: int):
+    """``(x_t, t, cond)`` of the first ``n`` samples of every recorded calibration step."""
+    for i, t in enumerate(calib.timesteps):
+        x = calib.step(i)[0][: max(1, n)]
+        cond = None if calib.cond is None else calib.cond[: x.shape[0]]
+        yield x, torch.full((x.shape[0],), t, dtype=torch.long), cond
 
 
 def round_weights_gptq(qunet: QuantizedUNet, fp_unet: nn.Module, calib, samples_per_step: int) -> dict[str, float]:
     """GPTQ rounding of every quantized weight, Hessians from the FP teacher on the calibration inputs."""
-    k = max(1, samples_per_step)
-
-    def runs():
-        for i, t in enumerate(calib.timesteps):
-            x, _ = calib.step(i)
-            x = x[:k]
-            kwargs = {} if calib.cond is None else {"encoder_hidden_states": calib.cond[: x.shape[0]]}
-            yield lambda x=x, t=t, kwargs=kwargs: fp_unet(x, torch.full((x.shape[0],), t, dtype=torch.long), **kwargs)
-
-    return gptq_quantize_layers(fp_unet, qunet.quant_layers(), runs())
+    runs = (lambda x=x, t=t, c=c: fp_unet(x, t, **({} if c is None else {"encoder_hidden_states": c}))
+            for x, t, c in _calib_batches(calib, samples_per_step))
+    return gptq_quantize_layers(fp_unet, qunet.quant_layers(), runs)
 
 
 def _loss(qunet, fp_unet, batch, taps, w_local, w_global):
