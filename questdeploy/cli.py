@@ -181,6 +181,9 @@ def finetune_options(f):
         click.option("--block-size", type=int, default=32, show_default=True, help="Block size for per_block INT4 weights."),
         click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default=_FT.weight_rounding, show_default=True,
                      help="gptq: round weights to minimise each layer's output error on the calibration inputs; nearest: plain rounding."),
+        click.option("--w8-budget", type=float, default=_FT.w8_budget, show_default=True,
+                     help="At W4: fraction of the weights kept at 8 bits, in the layers that measurably suffer most "
+                          "at 4 bits; 0 = every weight 4-bit."),
         click.option("--tla-iters", "tla_iters_per_group", type=int, default=_FT.tla_iters_per_group, show_default=True,
                      help="Time-embedding-aware finetuning iterations per group."),
         click.option("--cma-iters", "cma_iters_per_group", type=int, default=_FT.cma_iters_per_group, show_default=True,

@@ -77,7 +77,7 @@ class QuantConfig:
     num_groups: int = 10
     num_train_timesteps: int = 1000
     timestep_edges: tuple[float, ...] | None = None
-    keep_float: tuple[str, ...] = ()
+    keep_float: tuple[str, ...] = ("conv_in", "conv_out")
     skip: tuple[str, ...] = ("time_proj", "time_embedding", "add_time_proj", "add_embedding", "class_embedding")
     act_8bit: tuple[str, ...] = ("conv_in", "conv_out")
     weight_8bit: tuple[str, ...] = ("conv_in", "conv_out")

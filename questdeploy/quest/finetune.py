@@ -16,6 +16,7 @@ costlier EfficientDM-style baseline); ``ptq`` stops after initialisation.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError
 from ..quant.gptq import gptq_quantize_layers
 from ..quant.quantizers import ActQuantizer
+from ..quant.sensitivity import choose_8bit_weights, weight_sensitivity
 from ..quant.wrap import QuantConfig, QuantizedUNet, quantize_unet
 from .selection import SelectionPolicy
 
@@ -62,6 +64,8 @@ class FinetuneConfig:
     target: str = "ort"
     weight_rounding: str = "gptq"      # "nearest" (RTN) or "gptq" (error-compensating, see quant/gptq.py)
     gptq_samples_per_step: int = 16    # calibration samples per recorded step that feed the GPTQ Hessians
+    w8_budget: float = 0.06            # at W4: fraction of weights kept 8-bit, the most sensitive layers (0 = pure W4)
+    sensitivity_samples_per_step: int = 4  # calibration samples per recorded step that score layer sensitivity
     calib_samples_per_step: int = 64   # samples of each calibration step used for scale initialisation
     batch_size: int = 16
     tla_iters_per_group: int = 10      # 10 + 20 per group matched 20 + 40 in quality on the default model
@@ -82,7 +86,10 @@ class FinetuneConfig:
             raise ConfigError(f"unknown --method {self.method!r}.", hint=f"use one of {', '.join(METHODS)}.")
         if not 1 <= self.num_groups <= 1000:
             raise ConfigError(f"--groups {self.num_groups} is out of range.", hint="use 1..1000 timestep groups (1 = one static scale).")
-        for k in ("batch_size", "calib_samples_per_step"):
+        if isinstance(self.w8_budget, bool) or not 0.0 <= float(self.w8_budget) < 1.0:
+            raise ConfigError(f"--w8-budget {self.w8_budget!r} is out of range.",
+                              hint="use a fraction of the weights in [0, 1), e.g. 0.05; 0 keeps every weight at 4 bits.")
+        for k in ("batch_size", "calib_samples_per_step", "sensitivity_samples_per_step"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be positive.", hint="e.g. --batch-size 32.")
         if self.target == "ort-int":  # that export form runs the ort quantizers through integer kernels
@@ -152,14 +159,58 @@ class _Batches:
         return x[idx], t, cond, eps[idx]
 
 
-def initialise(fp_unet: nn.Module, calib, cfg: FinetuneConfig, num_train_timesteps: int) -> QuantizedUNet:
-    """PTQ: wrap a copy of the FP UNet and set weight scales and per-group activation scale tables."""
-    qunet = quantize_unet(fp_unet, cfg.quant_config(num_train_timesteps))
+def initialise(fp_unet: nn.Module, calib, cfg: FinetuneConfig, num_train_timesteps: int,
+               progress: bool = False) -> QuantizedUNet:
+    """PTQ: wrap a copy of the FP UNet and set weight scales and per-group activation scale tables.
+
+    At W4 with ``w8_budget > 0`` the most sensitive layers (measured, see ``quant/sensitivity.py``) keep
+    8-bit weights; their names join ``QuantConfig.weight_8bit`` and so the spec."""
+    qconfig = cfg.quant_config(num_train_timesteps)
+    if qconfig.w_bits == 4 and cfg.w8_budget > 0:
+        qconfig = dataclasses.replace(qconfig, weight_8bit=qconfig.weight_8bit + tuple(
+            pick_8bit_weights(fp_unet, calib, qconfig, cfg, progress)))
+    qunet = quantize_unet(fp_unet, qconfig)
     qunet.init_weight_scales()
     if cfg.weight_rounding == "gptq":
         round_weights_gptq(qunet, fp_unet, calib, cfg.gptq_samples_per_step)
     qunet.calibrate_activations(_calib_batches(calib, cfg.calib_samples_per_step), init_weights=False)
     return qunet
+
+
+def pick_8bit_weights(fp_unet: nn.Module, calib, qconfig: QuantConfig, cfg: FinetuneConfig,
+                      progress: bool = False) -> list[str]:
+    """Names of the layers whose W4 weights cost the most noise-prediction error per weight, within
+    ``cfg.w8_budget`` of the 4-bit weights (layers already 8-bit by ``qconfig.weight_8bit`` excluded)."""
+    probe = quantize_unet(fp_unet, dataclasses.replace(qconfig, a_bits=None, attn_bits=None))
+    sizes = {n: m.weight.numel() for n, m in probe.quant_layers().items()
+             if m.weight_quantizer is not None and m.weight_quantizer.bits == 4}
+    del probe
+    batches = _mixed_timestep_batches(calib, cfg.sensitivity_samples_per_step)
+    sens = weight_sensitivity(fp_unet, qconfig, batches, progress=progress)
+    return choose_8bit_weights({n: sens[n] for n in sizes}, sizes, cfg.w8_budget)
+
+
+def _mixed_timestep_batches(calib, n: int, max_batch: int = 32):
+    """``n`` samples from every recorded step, each with its own timestep, in batches of ``max_batch``."""
+    xs, ts, cs = [], [], []
+    for x, t, c in _calib_batches(calib, n):
+        xs.append(x)
+        ts.append(t)
+        cs.append(c)
+    x, t = torch.cat(xs), torch.cat(ts)
+    c = None if cs[0] is None else torch.cat(cs)
+    return [(x[i:i + max_batch], t[i:i + max_batch], None if c is None else c[i:i + max_batch])
+            for i in range(0, len(x), max_batch)]
+
+
+def weight_bits_summary(qunet: QuantizedUNet) -> dict:
+    """Which layers carry 8-bit weights at W4, and what fraction of the quantized weights that is."""
+    sizes = {n: (m.weight.numel(), m.weight_quantizer.bits) for n, m in qunet.quant_layers().items()
+             if m.weight_quantizer is not None}
+    total = sum(k for k, _ in sizes.values()) or 1
+    eight = [n for n, (_, b) in sizes.items() if b == 8]
+    return {"weight_8bit_layers": eight if qunet.quant_config.w_bits == 4 else "all",
+            "weight_8bit_fraction": round(sum(sizes[n][0] for n in eight) / total, 4)}
 
 
 def _calib_batches(calib, n: int):

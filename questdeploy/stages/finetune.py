@@ -12,7 +12,7 @@ import resource
 import time
 from pathlib import Path
 
-from ..quest.finetune import FinetuneConfig, finetune, initialise
+from ..quest.finetune import FinetuneConfig, finetune, initialise, weight_bits_summary
 from .base import Stage, StageContext
 from .calibrate import CalibrationData
 
@@ -26,11 +26,12 @@ def execute(ctx: StageContext, cfg: FinetuneConfig, out: Path) -> dict:
 
     calib = CalibrationData(ctx.run.stage_dir("calibrate"))
     started = time.time()
-    qunet = initialise(ctx.model.unet, calib, cfg, ctx.model.num_train_timesteps)
+    qunet = initialise(ctx.model.unet, calib, cfg, ctx.model.num_train_timesteps, progress=ctx.progress)
     init_s = time.time() - started
     resume = ctx.run.path / ".resume" / f"finetune-{ctx.fingerprint[:16]}.pt"
     report = finetune(qunet, ctx.model.unet, calib, cfg, seed=ctx.seed, progress=ctx.progress, log=ctx.log,
                       resume=resume, checkpoint_every=cfg.checkpoint_every)
+    report.update(weight_bits_summary(qunet))
     report.update({"init_seconds": round(init_s, 2), "total_seconds": round(time.time() - started, 2),
                    "peak_rss_mib": round(peak_rss_mib(), 1)})
     meta = {"method": cfg.method, "bits": cfg.bits, "model_id": ctx.model.model_id, "seed": ctx.seed,
@@ -39,7 +40,8 @@ def execute(ctx: StageContext, cfg: FinetuneConfig, out: Path) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     ctx.on_success.append(lambda: resume.unlink(missing_ok=True))
     return {"method": cfg.method, "bits": cfg.bits, "trainable_params": report["trainable_params"],
-            "total_params": report["total_params"], "finetune_seconds": report.get("seconds"),
+            "total_params": report["total_params"], "weight_8bit_fraction": report["weight_8bit_fraction"],
+            "finetune_seconds": report.get("seconds"),
             "total_seconds": report["total_seconds"], "peak_rss_mib": report["peak_rss_mib"]}
 
 

@@ -23,7 +23,7 @@ def tiny(channels=(32, 64)):
 @pytest.fixture(scope="module")
 def calibrated():
     unet = tiny()
-    q = quantize_unet(unet, QuantConfig(w_bits=4, a_bits=8, num_groups=2, weight_init="minmax"))
+    q = quantize_unet(unet, QuantConfig(w_bits=4, a_bits=8, num_groups=2, weight_init="minmax", keep_float=()))
     g = torch.Generator().manual_seed(0)
     q.calibrate_activations([(torch.randn(1, 1, 8, 8, generator=g), t, None) for t in (100, 700)])
     return unet, q

@@ -183,3 +183,14 @@ def test_recipes_ship_and_flags_override(tmp_path):
     bad.write_text("[calibrate]\nsteps = 25\nstepz = 3\n")
     with pytest.raises(ConfigError, match="unknown keys"):
         calibrate.config_from(bad)
+
+
+def test_w4_keeps_the_measured_most_sensitive_weights_8bit_within_budget(ctx):
+    _calibrate(ctx)
+    res = run_stage(ctx, finetune.STAGE, FinetuneConfig(method="ptq", bits="w4a8", w8_budget=0.2, **TINY_FT))
+    report = json.loads((res.outputs / "report.json").read_text())
+    assert report["weight_8bit_layers"] and 0 < report["weight_8bit_fraction"] <= 0.2
+    spec = json.loads((res.outputs / "checkpoint" / "quant_spec.json").read_text())
+    assert set(report["weight_8bit_layers"]) <= set(spec["config"]["weight_8bit"])
+    pure = run_stage(ctx, finetune.STAGE, FinetuneConfig(method="ptq", bits="w4a8", w8_budget=0.0, **TINY_FT))
+    assert json.loads((pure.outputs / "report.json").read_text())["weight_8bit_fraction"] == 0.0

@@ -1,0 +1,52 @@
+"""Measured 8-bit weight selection at W4: the sensitivity score, the budgeted choice, the config."""
+
+import pytest
+import torch
+
+from questdeploy.errors import ConfigError
+from questdeploy.quest.finetune import FinetuneConfig
+from questdeploy.quant.sensitivity import choose_8bit_weights, weight_sensitivity
+from questdeploy.quant.wrap import QuantConfig
+
+from test_quant_wrap import tiny_cond_unet
+
+
+def _batches():
+    g = torch.Generator().manual_seed(5)
+    x, cond = torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 3, 16, generator=g)
+    t = torch.tensor([950, 950, 500, 500, 20, 20])  # mixed timesteps in one batch are fine: no act quantizers
+    return [(x[:4], t[:4], cond[:4]), (x[4:], t[4:], cond[4:])]
+
+
+def test_sensitivity_scores_every_quantized_layer_and_sees_a_damaged_one():
+    fp = tiny_cond_unet()
+    cfg = QuantConfig(w_bits=4, a_bits=8, num_groups=2)
+    base = weight_sensitivity(fp, cfg, _batches())
+    assert base and all(v >= 0.0 for v in base.values())
+    assert sum(v > 0 for v in base.values()) > len(base) // 2
+    # One huge weight per output channel makes that layer's per-channel 4-bit grid coarse: its score must jump.
+    name = "up_blocks.1.resnets.0.conv2"
+    assert name in base
+    with torch.no_grad():
+        w = dict(fp.named_modules())[name].weight
+        w[:, 0, 0, 0] = w.abs().amax() * 40
+    damaged = weight_sensitivity(fp, cfg, _batches())
+    assert damaged[name] > 10 * base[name]
+    assert max(damaged, key=damaged.get) == name
+
+
+def test_choice_takes_largest_error_first_within_budget_in_model_order():
+    sizes = {"a": 100, "b": 10, "c": 50, "d": 40, "e": 800}
+    sens = {"a": 1.0, "b": 0.5, "c": 0.1, "d": 0.0, "e": 2.0}
+    # ranked e, a, b, c; d costs nothing and is never chosen
+    assert choose_8bit_weights(sens, sizes, 0.12) == ["a", "b"]  # 120 of 1000 weights: e does not fit
+    assert choose_8bit_weights(sens, sizes, 0.011) == ["b"]      # nor a; b does
+    assert choose_8bit_weights(sens, sizes, 0.0) == []
+    assert choose_8bit_weights(sens, sizes, 0.85) == ["b", "e"]  # e first, then only b still fits
+    assert choose_8bit_weights(sens, sizes, 0.999) == ["a", "b", "c", "e"]
+
+
+@pytest.mark.parametrize("budget", [-0.1, 1.0, 3])
+def test_bad_budget_is_a_config_error(budget):
+    with pytest.raises(ConfigError, match="w8-budget"):
+        FinetuneConfig(w8_budget=budget)
