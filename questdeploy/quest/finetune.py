@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..quant.gptq import gptq_quantize_layers
 from ..quant.quantizers import ActQuantizer
 from ..quant.sensitivity import choose_8bit_weights, weight_sensitivity
-from ..quant.wrap import QuantConfig, QuantizedUNet, quantize_unet
+from ..quant.wrap import QuantConfig, QuantizedUNet, matches_any, quantize_unet
 from .selection import SelectionPolicy
 
 METHODS = ("ptq", "quest", "full")
@@ -179,15 +179,13 @@ def initialise(fp_unet: nn.Module, calib, cfg: FinetuneConfig, num_train_timeste
 
 def pick_8bit_weights(fp_unet: nn.Module, calib, qconfig: QuantConfig, cfg: FinetuneConfig,
                       progress: bool = False) -> list[str]:
-    """Names of the layers whose W4 weights cost the most noise-prediction error per weight, within
-    ``cfg.w8_budget`` of the 4-bit weights (layers already 8-bit by ``qconfig.weight_8bit`` excluded)."""
-    probe = quantize_unet(fp_unet, dataclasses.replace(qconfig, a_bits=None, attn_bits=None))
-    sizes = {n: m.weight.numel() for n, m in probe.quant_layers().items()
-             if m.weight_quantizer is not None and m.weight_quantizer.bits == 4}
-    del probe
+    """Names of the layers whose W4 weights cost the most noise-prediction error, within ``cfg.w8_budget``
+    of the 4-bit weights (layers already 8-bit by ``qconfig.weight_8bit`` are neither scored nor counted)."""
     batches = _mixed_timestep_batches(calib, cfg.sensitivity_samples_per_step)
     sens = weight_sensitivity(fp_unet, qconfig, batches, progress=progress)
-    return choose_8bit_weights({n: sens[n] for n in sizes}, sizes, cfg.w8_budget)
+    modules = dict(fp_unet.named_modules())
+    sizes = {n: modules[n].weight.numel() for n in sens if not matches_any(n, qconfig.weight_8bit)}
+    return choose_8bit_weights(sens, sizes, cfg.w8_budget)
 
 
 def _mixed_timestep_batches(calib, n: int, max_batch: int = 32):
