@@ -33,20 +33,22 @@ Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 @torch.no_grad()
 def weight_sensitivity(fp_unet: nn.Module, config: QuantConfig, batches: Iterable[Batch],
                        progress: bool = False) -> dict[str, float]:
-    """Per quantized layer: relative squared error of the noise prediction when only that layer's weights
-    are quantized (at ``config.w_bits``, round-to-nearest from the L_p-searched scales).
+    """Per layer quantized at ``config.w_bits``: relative squared error of the noise prediction when only
+    that layer's weights are quantized (round-to-nearest from the L_p-searched scales). Layers that
+    ``config.weight_8bit`` already keeps at 8 bits are not scored.
 
     ``batches`` yield ``(sample, timestep, cond)``; timesteps may differ within a batch (activations are
     off, so no timestep group is involved).
     """
-    weights_only = dataclasses.replace(config, a_bits=None, attn_bits=None, weight_8bit=())
+    weights_only = dataclasses.replace(config, a_bits=None, attn_bits=None)
     qunet = quantize_unet(fp_unet, weights_only)
     qunet.init_weight_scales()
     inputs = list(batches)
     fp_eps, q_eps = unet_eps_fn(fp_unet), unet_eps_fn(qunet.unet)
     refs = [fp_eps(*b) for b in inputs]
     denom = sum(float(r.pow(2).sum()) for r in refs) or 1.0
-    layers = {n: m for n, m in qunet.quant_layers().items() if m.weight_quantizer is not None}
+    layers = {n: m for n, m in qunet.quant_layers().items()
+              if m.weight_quantizer is not None and m.weight_quantizer.bits == config.w_bits}
     scores: dict[str, float] = {}
     with qunet.quant_enabled(False):
         for name, layer in tqdm(layers.items(), desc="weight sensitivity", disable=not progress, leave=False):

@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..quant.gptq import gptq_quantize_layers
 from ..quant.quantizers import ActQuantizer
 from ..quant.sensitivity import choose_8bit_weights, weight_sensitivity
-from ..quant.wrap import QuantConfig, QuantizedUNet, matches_any, quantize_unet
+from ..quant.wrap import QuantConfig, QuantizedUNet, quantize_unet
 from .selection import SelectionPolicy
 
 METHODS = ("ptq", "quest", "full")
@@ -184,7 +184,7 @@ def pick_8bit_weights(fp_unet: nn.Module, calib, qconfig: QuantConfig, cfg: Fine
     batches = _mixed_timestep_batches(calib, cfg.sensitivity_samples_per_step)
     sens = weight_sensitivity(fp_unet, qconfig, batches, progress=progress)
     modules = dict(fp_unet.named_modules())
-    sizes = {n: modules[n].weight.numel() for n in sens if not matches_any(n, qconfig.weight_8bit)}
+    sizes = {n: modules[n].weight.numel() for n in sens}
     return choose_8bit_weights(sens, sizes, cfg.w8_budget)
 
 

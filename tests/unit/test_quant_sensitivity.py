@@ -33,6 +33,9 @@ def test_sensitivity_scores_every_quantized_layer_and_sees_a_damaged_one():
     damaged = weight_sensitivity(fp, cfg, _batches())
     assert damaged[name] > 10 * base[name]
     assert max(damaged, key=damaged.get) == name
+    # a layer the config already keeps 8-bit is not scored (nor measured)
+    kept = weight_sensitivity(fp, QuantConfig(w_bits=4, a_bits=8, num_groups=2, weight_8bit=(name,)), _batches())
+    assert name not in kept and set(kept) == set(damaged) - {name}
 
 
 def test_choice_takes_largest_error_first_within_budget_in_model_order():
