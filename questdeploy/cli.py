@@ -191,7 +191,8 @@ def finetune_options(f):
         click.option("--cma-epochs", type=int, default=_FT.cma_epochs, show_default=True),
         click.option("--lr-weights", type=float, default=None,
                      help="Weight learning rate [default: 1e-4 for quest, 1e-5 for full]."),
-        click.option("--lr-scales", type=float, default=_FT.lr_scales, show_default=True),
+        click.option("--lr-scales", type=float, default=None,
+                     help="Activation-scale learning rate [default: 1e-3; 1e-2 for quest with 4-bit activations]."),
         click.option("--checkpoint-every", type=int, default=_FT.checkpoint_every, show_default=True,
                      help="Iterations between resume points; an interrupted finetune continues from the last one."),
     ]):

@@ -141,6 +141,14 @@ def test_learning_rate_defaults_per_method_and_explicit_wins():
         FinetuneConfig(weight_rounding="stochastic")
 
 
+def test_scale_learning_rate_follows_method_and_activation_bits_and_explicit_wins():
+    assert FinetuneConfig(bits="w4a4").lr_scales == 1e-2
+    assert FinetuneConfig(bits="w4a4", method="full").lr_scales == 1e-3
+    assert FinetuneConfig(bits="w4a8").lr_scales == FinetuneConfig(bits="w8a8").lr_scales == 1e-3
+    assert FinetuneConfig(bits="w4a16").lr_scales == 1e-3
+    assert FinetuneConfig(bits="w4a4", lr_scales=5e-4).lr_scales == 5e-4
+
+
 def test_calibrate_resumes_per_step(ctx, monkeypatch):
     """A calibration interrupted after step 2 continues there and gives the same data as one pass."""
     from safetensors.torch import load_file
