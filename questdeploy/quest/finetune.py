@@ -43,7 +43,7 @@ LR_WEIGHTS = {"ptq": 0.0, "quest": 1e-4, "full": 1e-5}
 # Activation-scale learning rate per method and activation width. With 4-bit activations everywhere the
 # scales are quest's main lever (full can move every weight instead): on the default model W4A4 quest's
 # FID-proxy went from 224 at 1e-3 to 153 at 1e-2 (1,000 samples; 278 at 1e-4, 192 at 3e-2 over 250),
-# while full did worse at 1e-2 (111 vs 95) and 8-bit activations at 1e-2 broke quest W4A8 (26 dB vs 40).
+# while full did worse at 1e-2 (111 vs 93) and 8-bit activations at 1e-2 broke quest W4A8 (26 dB vs 40).
 LR_SCALES = {"ptq": {8: 0.0, 4: 0.0}, "quest": {8: 1e-3, 4: 1e-2}, "full": {8: 1e-3, 4: 1e-3}}
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 _BITS = re.compile(r"^w(4|8)a(4|8|16)$")
