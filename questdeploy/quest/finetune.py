@@ -197,11 +197,7 @@ def pick_8bit_weights(fp_unet: nn.Module, calib, qconfig: QuantConfig, cfg: Fine
 
 def _mixed_timestep_batches(calib, n: int, max_batch: int = 32):
     """``n`` samples from every recorded step, each with its own timestep, in batches of ``max_batch``."""
-    xs, ts, cs = [], [], []
-    for x, t, c in _calib_batches(calib, n):
-        xs.append(x)
-        ts.append(t)
-        cs.append(c)
+    xs, ts, cs = zip(*_calib_batches(calib, n))
     x, t = torch.cat(xs), torch.cat(ts)
     c = None if cs[0] is None else torch.cat(cs)
     return [(x[i:i + max_batch], t[i:i + max_batch], None if c is None else c[i:i + max_batch])
