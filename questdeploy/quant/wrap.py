@@ -61,7 +61,8 @@ class QuantConfig:
     * ``keep_float``: patterns of layers left fully float; ``skip``: the timestep path, also left float
       (kept separate so adding ``keep_float`` patterns never drops it by accident); ``act_8bit``: layers
       whose input activations use 8 bits whatever ``a_bits`` is; ``weight_8bit``: layers whose weights stay
-      8-bit at ``w_bits=4`` (first and last conv by default: a few hundred weights, a third of the W4 error).
+      8-bit at ``w_bits=4`` (first and last conv, in force when ``keep_float`` no longer keeps them float;
+      ``finetune`` adds the measured most sensitive layers, see ``quant/sensitivity.py``).
     * ``quantize_attention``: explicit-matmul attention with quantized q, k, v (``attn_bits``, default
       ``a_bits``) and softmax probabilities (``probs_bits``, unsigned).
     * ``weight_init``, ``act_observer`` / ``act_percentile`` / ``act_momentum``: calibration defaults;
