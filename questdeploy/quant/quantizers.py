@@ -149,6 +149,7 @@ class WeightQuantizer(nn.Module):
         self.name = name
         self.enabled = True
         self.scale = nn.Parameter(torch.ones(granularity.scale_shape(weight_shape)))
+        self._frozen: torch.Tensor | None = None
 
     @property
     def qmin(self) -> int:
@@ -164,7 +165,21 @@ class WeightQuantizer(nn.Module):
             return hook(self, w)
         if not self.enabled:
             return w
+        if self._frozen is not None:
+            return self._frozen
         return fake_quant(w, self.scale, self.bits, True, **self.granularity.kwargs())
+
+    @contextlib.contextmanager
+    def frozen(self, w: torch.Tensor) -> Iterator[None]:
+        """Within the block, ``forward`` returns ``fq(w)`` computed once: for a layer whose weight and scale
+        stay fixed (selective finetuning's frozen layers) the fake-quant of every iteration is waste.
+        The caller guarantees ``w`` and ``scale`` do not change inside the block."""
+        with torch.no_grad():
+            self._frozen = fake_quant(w, self.scale, self.bits, True, **self.granularity.kwargs())
+        try:
+            yield
+        finally:
+            self._frozen = None
 
     def int_weight(self, w: torch.Tensor) -> torch.Tensor:
         """Integer weight (int8 storage, INT4 values in [-8, 7]) = ONNX QuantizeLinear of ``w``."""

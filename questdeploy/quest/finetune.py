@@ -16,6 +16,7 @@ costlier EfficientDM-style baseline); ``ptq`` stops after initialisation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -70,7 +71,8 @@ class FinetuneConfig:
     weight_rounding: str = "gptq"      # "nearest" (RTN) or "gptq" (error-compensating, see quant/gptq.py)
     gptq_samples_per_step: int = 16    # calibration samples per recorded step that feed the GPTQ Hessians
     w8_budget: float = 0.1             # at W4: fraction of weights kept 8-bit, the most sensitive layers (0 = pure W4)
-    sensitivity_samples_per_step: int = 4  # calibration samples per recorded step that score layer sensitivity
+    sensitivity_samples_per_step: int = 2  # calibration samples per recorded step that score layer sensitivity
+                                           # (default model: 1, 2 and 4 pick the same layers; 2 takes 17 s, 4 32 s)
     calib_samples_per_step: int = 64   # samples of each calibration step used for scale initialisation
     batch_size: int = 16
     tla_iters_per_group: int = 10      # 10 + 20 per group matched 20 + 40 in quality on the default model
@@ -299,40 +301,41 @@ def finetune(qunet: QuantizedUNet, fp_unet: nn.Module, calib, cfg: FinetuneConfi
         log(f"finetune: resuming at iteration {k0} of {len(plan)} from {resume}")
     bar = tqdm(total=len(plan), initial=k0, desc=f"finetune ({cfg.method})", disable=not progress)
     qunet.train()
-    opt_w = opt_s = None
-    for k in range(k0, len(plan)):
-        pi, g, first_of_phase, first_of_segment = plan[k]
-        name, weights, scales, taps, _, _ = phases[pi]
-        if opt_w is None or first_of_phase:
-            opt_w = torch.optim.Adam(weights, lr=cfg.lr_weights) if weights else None
-            if saved is not None and not first_of_phase and opt_w is not None:
-                opt_w.load_state_dict(saved["opt_w"])
-        if opt_s is None or first_of_segment:
-            qunet.set_timestep_group(g)
-            opt_s = torch.optim.Adam(scales, lr=cfg.lr_scales) if scales else None
-            if saved is not None and not first_of_segment and opt_s is not None:
-                opt_s.load_state_dict(saved["opt_s"])
-        saved = None
-        loss, _, _ = _loss(qunet, fp_unet, batches.draw(groups[g]), taps, cfg.w_local, cfg.w_global)
-        for opt in (opt_w, opt_s):
-            if opt:
-                opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in (opt_w, opt_s):
-            if opt:
-                opt.step()
-        with torch.no_grad():
-            for sc in scales:
-                sc.clamp_(min=1e-8)
-        losses[name].append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(phase=name, group=g, loss=f"{losses[name][-1]:.4g}")
-        if resume is not None and checkpoint_every and (k + 1) % checkpoint_every == 0 and k + 1 < len(plan):
-            _save_resume(resume, {
-                "k": k + 1, "losses": losses, "gen": batches.gen.get_state(),
-                "params": {names[id(p)]: p.detach().clone() for p in trainable.values()},
-                "opt_w": opt_w.state_dict() if opt_w else None, "opt_s": opt_s.state_dict() if opt_s else None,
-            })
+    with _freeze_untrained(layers, trainable):
+        opt_w = opt_s = None
+        for k in range(k0, len(plan)):
+            pi, g, first_of_phase, first_of_segment = plan[k]
+            name, weights, scales, taps, _, _ = phases[pi]
+            if opt_w is None or first_of_phase:
+                opt_w = torch.optim.Adam(weights, lr=cfg.lr_weights) if weights else None
+                if saved is not None and not first_of_phase and opt_w is not None:
+                    opt_w.load_state_dict(saved["opt_w"])
+            if opt_s is None or first_of_segment:
+                qunet.set_timestep_group(g)
+                opt_s = torch.optim.Adam(scales, lr=cfg.lr_scales) if scales else None
+                if saved is not None and not first_of_segment and opt_s is not None:
+                    opt_s.load_state_dict(saved["opt_s"])
+            saved = None
+            loss, _, _ = _loss(qunet, fp_unet, batches.draw(groups[g]), taps, cfg.w_local, cfg.w_global)
+            for opt in (opt_w, opt_s):
+                if opt:
+                    opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in (opt_w, opt_s):
+                if opt:
+                    opt.step()
+            with torch.no_grad():
+                for sc in scales:
+                    sc.clamp_(min=1e-8)
+            losses[name].append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(phase=name, group=g, loss=f"{losses[name][-1]:.4g}")
+            if resume is not None and checkpoint_every and (k + 1) % checkpoint_every == 0 and k + 1 < len(plan):
+                _save_resume(resume, {
+                    "k": k + 1, "losses": losses, "gen": batches.gen.get_state(),
+                    "params": {names[id(p)]: p.detach().clone() for p in trainable.values()},
+                    "opt_w": opt_w.state_dict() if opt_w else None, "opt_s": opt_s.state_dict() if opt_s else None,
+                })
     bar.close()
     report = {"tla_layers": tla, "cma_layers": cma, "phases": [
         {"name": n, "iterations": len(v), "first_loss": v[0] if v else None,
@@ -343,6 +346,17 @@ def finetune(qunet: QuantizedUNet, fp_unet: nn.Module, calib, cfg: FinetuneConfi
     report["total_params"] = _count(qunet)
     report["seconds"] = round(time.time() - started, 2)
     return report
+
+
+def _freeze_untrained(layers: dict[str, nn.Module], trainable: dict[int, nn.Parameter]) -> contextlib.ExitStack:
+    """Fake-quantize once the weights that no phase trains (quest: about three quarters of them) instead of
+    every iteration; the numbers are the same, the forward pass is cheaper."""
+    stack = contextlib.ExitStack()
+    for layer in layers.values():
+        wq = layer.weight_quantizer
+        if wq is not None and id(layer.weight) not in trainable and id(wq.scale) not in trainable:
+            stack.enter_context(wq.frozen(layer.weight))
+    return stack
 
 
 def _save_resume(path, state: dict) -> None:

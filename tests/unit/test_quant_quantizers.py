@@ -180,3 +180,17 @@ def test_quantizer_matches_primitive_bitwise():
     q.scales.data.fill_(0.3)
     s = torch.tensor(0.3)
     assert torch.equal(q(x), dequantize(quantize(x, s, 4, True), s))
+
+
+def test_frozen_weight_returns_the_same_fake_quant_once_and_clears_on_exit():
+    torch.manual_seed(0)
+    w = torch.randn(6, 8)
+    wq = WeightQuantizer(w.shape, bits=4)
+    wq.init_from(w)
+    expected = wq(w)
+    with wq.frozen(w):
+        cached = wq(w)
+        assert torch.equal(cached, expected)
+        assert wq(torch.zeros_like(w)) is cached  # the cache answers, whatever is passed in
+        assert not cached.requires_grad
+    assert torch.equal(wq(torch.zeros_like(w)), torch.zeros_like(w))  # cleared: quantizes its input again

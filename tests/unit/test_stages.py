@@ -202,3 +202,19 @@ def test_w4_keeps_the_measured_most_sensitive_weights_8bit_within_budget(ctx):
     assert set(report["weight_8bit_layers"]) <= set(spec["config"]["weight_8bit"])
     pure = run_stage(ctx, finetune.STAGE, FinetuneConfig(method="ptq", bits="w4a8", w8_budget=0.0, **TINY_FT))
     assert json.loads((pure.outputs / "report.json").read_text())["weight_8bit_fraction"] == 0.0
+
+
+def test_caching_frozen_weights_does_not_change_the_finetuned_model(ctx, monkeypatch):
+    """quest fake-quantizes the weights it never trains once; the checkpoint must be bit-identical."""
+    import contextlib
+
+    from questdeploy.quest import finetune as quest_finetune
+    from questdeploy.runfolder import sha256_file
+
+    _calibrate(ctx)
+    cached = run_stage(ctx, finetune.STAGE, FinetuneConfig(method="quest", **TINY_FT))
+    h_cached = sha256_file(cached.outputs / "checkpoint" / "model.safetensors")
+    ctx.run.invalidate("finetune")
+    monkeypatch.setattr(quest_finetune, "_freeze_untrained", lambda *a: contextlib.ExitStack())
+    plain = run_stage(ctx, finetune.STAGE, FinetuneConfig(method="quest", **TINY_FT))
+    assert sha256_file(plain.outputs / "checkpoint" / "model.safetensors") == h_cached
