@@ -167,6 +167,9 @@ class WeightQuantizer(nn.Module):
             return w
         if self._frozen is not None:
             return self._frozen
+        return self._fake_quant(w)
+
+    def _fake_quant(self, w: torch.Tensor) -> torch.Tensor:
         return fake_quant(w, self.scale, self.bits, True, **self.granularity.kwargs())
 
     @contextlib.contextmanager
@@ -175,7 +178,7 @@ class WeightQuantizer(nn.Module):
         stay fixed (selective finetuning's frozen layers) the fake-quant of every iteration is waste.
         The caller guarantees ``w`` and ``scale`` do not change inside the block."""
         with torch.no_grad():
-            self._frozen = fake_quant(w, self.scale, self.bits, True, **self.granularity.kwargs())
+            self._frozen = self._fake_quant(w)
         try:
             yield
         finally:
