@@ -401,7 +401,7 @@ class ActQuantizer(nn.Module):
     def _keep_sample(self, g: int, x: torch.Tensor) -> None:
         v = x.detach().float().reshape(-1)
         v = v[torch.isfinite(v)]
-        v = v[:: max(1, v.numel() // self.MSE_SAMPLES)]
+        v = v[:: max(1, v.numel() // self.MSE_SAMPLES)].clone()  # a strided view would keep the whole batch alive
         kept = torch.cat([self._samples[g], v]) if g in self._samples else v
         if kept.numel() > 2 * self.MSE_SAMPLES:
             kept = kept[:: kept.numel() // self.MSE_SAMPLES]

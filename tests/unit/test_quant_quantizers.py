@@ -149,6 +149,10 @@ def test_act_mse_observer_clips_outliers_at_4_bits():
     for _ in range(20):
         q(torch.randn(64, 64, 32, generator=g))
     assert q._samples[0].numel() <= 2 * ActQuantizer.MSE_SAMPLES  # memory stays bounded
+    one = ActQuantizer(bits=4, observer="mse")
+    one.observing = True
+    one(torch.randn(64, 64, 32, 32, generator=g))  # a group seen once keeps a sample, not the 16 MB batch
+    assert one._samples[0].untyped_storage().nbytes() <= 4 * 2 * ActQuantizer.MSE_SAMPLES
     q.reset_observations()
     assert not q._samples
 
