@@ -7,6 +7,10 @@ of them alike. Prints a Markdown table (the README's) and writes it with the raw
     python benchmarks/bench_quest.py                      # ~30-40 min on a 2-core CPU
     python benchmarks/bench_quest.py --bits w4a8 --methods ptq,quest --eval-samples 200
     python benchmarks/bench_quest.py --extra-for "full=--lr-weights 1e-5"   # a per-method setting
+    python benchmarks/bench_quest.py --device cuda --no-eval --methods quest,full   # GPU cost only
+
+With ``--device cuda`` the finetunes run on the GPU (calibration and evaluation stay on the CPU) and the
+table gains the peak GPU memory; ``--no-eval`` skips sampling, leaving the quality columns empty.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def main() -> None:
     ap.add_argument("--methods", default="ptq,quest,full")
     ap.add_argument("--eval-samples", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the finetunes run: cpu, cuda, cuda:N")
+    ap.add_argument("--no-eval", action="store_true", help="cost only: no sampling, no quality figures")
     ap.add_argument("--extra", default="", help="extra finetune options, e.g. '--groups 20'")
     ap.add_argument("--extra-for", action="append", default=[], metavar="METHOD=OPTIONS",
                     help="finetune options for one method only, e.g. 'full=--lr-weights 1e-5' (repeatable)")
@@ -49,8 +55,10 @@ def main() -> None:
     model = ["--model", a.model] if a.model else []
     base = out / "base"
     cli("calibrate", "--run-dir", str(base), "--seed", str(a.seed), "--quiet", *model)
-    cli("eval", "--run-dir", str(base), "--seed", str(a.seed), "--num-samples", str(a.eval_samples), "--quiet", *model)
-    fp = json.loads((base / "eval" / "metrics.json").read_text()).get("fp", {})
+    fp = {}
+    if not a.no_eval:
+        cli("eval", "--run-dir", str(base), "--seed", str(a.seed), "--num-samples", str(a.eval_samples), "--quiet", *model)
+        fp = json.loads((base / "eval" / "metrics.json").read_text()).get("fp", {})
     rows = [{"method": "fp", "bits": "w32a32", **fp, "psnr_vs_fp_db": float("inf")}]
     for bits in a.bits.split(","):
         for method in a.methods.split(","):
@@ -60,23 +68,31 @@ def main() -> None:
             shutil.copytree(base, run, ignore=shutil.ignore_patterns(".lock", "eval"))
             t0 = time.time()
             cli("finetune", "--run-dir", str(run), "--bits", bits, "--method", method, "--seed", str(a.seed), "--quiet",
-                *model, *a.extra.split(), *per_method.get(method, []))
+                "--device", a.device, *model, *a.extra.split(), *per_method.get(method, []))
             wall = time.time() - t0
-            cli("eval", "--quantized", "--run-dir", str(run), "--seed", str(a.seed), "--num-samples", str(a.eval_samples),
-                "--quiet", *model)
+            q = {}
+            if not a.no_eval:
+                cli("eval", "--quantized", "--run-dir", str(run), "--seed", str(a.seed), "--num-samples",
+                    str(a.eval_samples), "--quiet", *model)
+                q = json.loads((run / "eval-quantized" / "metrics.json").read_text())["quantized"]
             rep = json.loads((run / "finetune" / "report.json").read_text())
-            q = json.loads((run / "eval-quantized" / "metrics.json").read_text())["quantized"]
             rows.append({"method": method, "bits": bits, **q, "finetune_s": rep["total_seconds"], "train_s": rep.get("seconds", 0.0), "process_s": round(wall, 1),
-                         "peak_rss_mib": rep["peak_rss_mib"], "trainable_params": rep["trainable_params"],
+                         "peak_rss_mib": rep["peak_rss_mib"], "peak_gpu_mib": rep.get("peak_gpu_mib"),
+                         "trainable_params": rep["trainable_params"],
                          "total_params": rep["total_params"]})
             print(f"  {bits} {method}: {q} in {rep['total_seconds']} s", file=sys.stderr)
-    head = "| bits | method | FID-proxy ↓ | accuracy ↑ | PSNR vs FP (dB) ↑ | finetune time (s) | of which training (s) | peak RSS (MiB) | trained params |"
-    lines = [head, "|" + "---|" * 9]
+            (out / "results.json").write_text(json.dumps(rows, indent=2))  # a killed run keeps what it measured
+    gpu = a.device != "cpu"
+    head = ("| bits | method | FID-proxy ↓ | accuracy ↑ | PSNR vs FP (dB) ↑ | finetune time (s) | of which training (s) "
+            "| peak RSS (MiB) |" + (" peak GPU (MiB) |" if gpu else "") + " trained params |")
+    lines = [head, "|" + "---|" * (10 if gpu else 9)]
     for r in rows:
+        if a.no_eval and r["method"] == "fp":
+            continue
         lines.append(
             f"| {r['bits']} | {r['method']} | {r.get('fid_proxy', float('nan')):.3f} | {r.get('classifier_accuracy', float('nan')):.3f} | "
-            f"{r['psnr_vs_fp_db']:.2f} | {r.get('finetune_s', 0):.1f} | {r.get('train_s', 0):.1f} | {r.get('peak_rss_mib', 0):.0f} | "
-            f"{r.get('trainable_params', 0)} |")
+            f"{r.get('psnr_vs_fp_db', float('nan')):.2f} | {r.get('finetune_s', 0):.1f} | {r.get('train_s', 0):.1f} | {r.get('peak_rss_mib', 0):.0f} | "
+            + (f"{r.get('peak_gpu_mib') or 0:.0f} | " if gpu else "") + f"{r.get('trainable_params', 0)} |")
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(table + "\n")

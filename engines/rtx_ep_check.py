@@ -3,10 +3,11 @@ agreement and latency. For a GPU session; see engines/README.md ("TensorRT-RTX v
 
     python engines/rtx_ep_check.py MODEL.onnx [MODEL2.onnx ...] [--batch 2] [--iters 50] [--json out.json]
 
-Per model it prints: whether the EP accepted the graph (session creation + first run), how many nodes it
-took (when onnxruntime reports the assignment), max-abs / relative-L2 / cosine against onnxruntime CPU with
-optimizations off, and the median / p90 latency of both. Random inputs shaped from the model's inputs
-(dynamic dims: batch -> --batch, others -> --dim, default 4); ``timestep`` gets 500.
+Per model it prints: whether the EP accepted the graph (session creation + first runs), whether it took every
+node (a first try disables onnxruntime's CPU fallback; on failure the error is kept and a second try allows
+it), max-abs / relative-L2 / cosine against onnxruntime CPU with optimizations off at each of ``--timesteps``
+(the per-timestep scale groups), and the median / p90 latency of both at the middle timestep. Random inputs
+shaped from the model's inputs (dynamic dims: batch -> --batch, others -> --dim, default 4).
 """
 
 from __future__ import annotations
@@ -18,18 +19,35 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))
 
-def _feed(sess, batch: int, dim: int, seed: int = 0) -> dict:
+
+def _feed(sess, batch: int, dim: int, timestep: float, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     feed = {}
     for i in sess.get_inputs():
         shape = [d if isinstance(d, int) and d > 0 else (batch if k == 0 else dim) for k, d in enumerate(i.shape)]
         dtype = np.float16 if "float16" in i.type else np.float32
         if i.name == "timestep":
-            feed[i.name] = np.full(shape or [], 500.0, dtype)
+            feed[i.name] = np.full(shape or [], timestep, dtype)
         else:
             feed[i.name] = rng.standard_normal(shape).astype(dtype)
     return feed
+
+
+def _agreement(ref: np.ndarray, got: np.ndarray) -> dict:
+    a, b = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+    return {"max_abs": float(np.abs(a - b).max()),
+            "rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)),
+            "cosine": float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))}
+
+
+def _rtx_session(ort, path: str, devices, allow_cpu_fallback: bool):
+    so = ort.SessionOptions()
+    if not allow_cpu_fallback:  # creation fails unless the EP takes every node
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    so.add_provider_for_devices(devices, {})
+    return ort.InferenceSession(path, sess_options=so)
 
 
 def _time(sess, feed, iters: int) -> dict:
@@ -49,52 +67,61 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--dim", type=int, default=4)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--timesteps", default="999,500,1", help="compared one by one (per-timestep scale groups)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
     import onnxruntime as ort
 
+    from questdeploy.engine.rtx import register_rtx_ep
+    from questdeploy.errors import QuestDeployError
+
     try:
-        import onnxruntime_ep_nv_tensorrt_rtx as rtx
-    except ImportError:
-        print("onnxruntime_ep_nv_tensorrt_rtx is not installed (pip install onnxruntime-ep-nv-tensorrt-rtx-cu12)")
+        name, devices = register_rtx_ep(ort)
+    except QuestDeployError as e:
+        print(f"{e} ({e.hint})")
         return 2
-    name = rtx.get_ep_name()
-    ort.register_execution_provider_library(name, rtx.get_library_path())
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == name]
     print(f"onnxruntime {ort.__version__}; EP {name}; devices: {[str(d.device.type) for d in devices] or 'none'}")
     if not devices:
         print("the TensorRT-RTX EP supports no device here (it targets RTX / Ampere+ GPUs)")
         return 3
+    for d in devices:
+        print(f"  device: vendor {d.device.vendor} id {d.device.device_id} metadata {dict(d.device.metadata)} "
+              f"ep_metadata {dict(d.ep_metadata)}")
+    timesteps = [float(t) for t in args.timesteps.split(",")]
     results = {}
     for path in args.models:
-        r: dict = {"model": path}
+        r: dict = {"model": path, "batch": args.batch, "timesteps": timesteps}
         so_cpu = ort.SessionOptions()
-        so_cpu.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so_cpu.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ reference
         cpu = ort.InferenceSession(path, so_cpu, providers=["CPUExecutionProvider"])
-        feed = _feed(cpu, args.batch, args.dim)
-        ref = cpu.run(None, feed)[0]
-        r["cpu"] = _time(cpu, feed, max(5, args.iters // 5))
-        try:
-            so = ort.SessionOptions()
-            so.add_provider_for_devices(devices, {})
-            t0 = time.perf_counter()
-            sess = ort.InferenceSession(path, sess_options=so)
-            got = sess.run(None, feed)[0]
-            r["session_and_first_run_s"] = round(time.perf_counter() - t0, 2)
-            r["accepted"] = True
-        except Exception as e:  # the finding is the message
+        feeds = [_feed(cpu, args.batch, args.dim, t) for t in timesteps]
+        refs = [cpu.run(None, f)[0] for f in feeds]
+        r["cpu"] = _time(cpu, feeds[len(feeds) // 2], max(5, args.iters // 5))
+        sess = None
+        for fallback in (False, True):
+            try:
+                t0 = time.perf_counter()
+                sess = _rtx_session(ort, path, devices, allow_cpu_fallback=fallback)
+                got = [sess.run(None, f)[0] for f in feeds]
+                r["session_and_first_runs_s"] = round(time.perf_counter() - t0, 2)
+                r["whole_graph_on_ep"] = not fallback
+                break
+            except Exception as e:  # the finding is the message
+                sess = None
+                r["error_without_fallback" if not fallback else "error"] = f"{type(e).__name__}: {e}"[:2000]
+        if sess is None:
             r["accepted"] = False
-            r["error"] = f"{type(e).__name__}: {e}"
             results[path] = r
             print(json.dumps(r, indent=2))
             continue
-        a, b = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-        r["max_abs"] = float(np.abs(a - b).max())
-        r["rel_l2"] = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30))
-        r["cosine"] = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+        r["accepted"] = True
         r["providers"] = sess.get_providers()
-        r["rtx"] = _time(sess, feed, args.iters)
+        r["per_timestep"] = [{"timestep": t, **_agreement(a, b)} for t, a, b in zip(timesteps, refs, got)]
+        r["worst"] = {"max_abs": max(x["max_abs"] for x in r["per_timestep"]),
+                      "rel_l2": max(x["rel_l2"] for x in r["per_timestep"]),
+                      "cosine_min": min(x["cosine"] for x in r["per_timestep"])}
+        r["rtx"] = _time(sess, feeds[len(feeds) // 2], args.iters)
         results[path] = r
         print(json.dumps(r, indent=2))
     if args.json:

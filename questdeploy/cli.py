@@ -193,6 +193,9 @@ def finetune_options(f):
                      help="Weight learning rate [default: 1e-4 for quest, 1e-5 for full]."),
         click.option("--lr-scales", type=float, default=None,
                      help="Activation-scale learning rate [default: 1e-3; 1e-2 for quest with 4-bit activations]."),
+        click.option("--device", default=_FT.device, show_default=True,
+                     help="Where initialisation and finetuning run: cpu, cuda or cuda:N. The checkpoint is the same "
+                          "format either way; GPU numerics differ from the CPU's in the last bits."),
         click.option("--checkpoint-every", type=int, default=_FT.checkpoint_every, show_default=True,
                      help="Iterations between resume points; an interrupted finetune continues from the last one."),
     ]):

@@ -101,8 +101,8 @@ def gptq_round(weight: torch.Tensor, wq: WeightQuantizer, hessian: torch.Tensor,
     H = hessian.double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    H += torch.eye(cols, dtype=H.dtype) * damp * torch.diag(H).mean()
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    H += torch.eye(cols, dtype=H.dtype, device=H.device) * damp * torch.diag(H).mean()
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=H.device)
     W, S, H = W[:, perm], S[:, perm], H[perm][:, perm]
     dead = dead[perm]
     try:

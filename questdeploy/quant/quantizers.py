@@ -234,10 +234,10 @@ class WeightQuantizer(nn.Module):
             R = amax.numel()
             coarse_step = 8 * step
             n = int(round((1.0 - min_ratio) / coarse_step)) + 1
-            coarse = (1.0 - coarse_step * torch.arange(n, dtype=amax.dtype)).clamp_min(min_ratio)
+            coarse = (1.0 - coarse_step * torch.arange(n, dtype=amax.dtype, device=amax.device)).clamp_min(min_ratio)
             idx = self._lp_errors(rows, amax, coarse[:, None].expand(n, R), p).argmin(dim=0)  # ties -> larger r
             center = coarse[idx]
-            offsets = step * torch.arange(-7, 8, dtype=amax.dtype)  # (15,), the gaps between coarse points
+            offsets = step * torch.arange(-7, 8, dtype=amax.dtype, device=amax.device)  # (15,), the gaps between coarse points
             fine = (center[None, :] - offsets[:, None]).clamp(min_ratio, 1.0)  # (15, R), descending
             best = self._lp_errors(rows, amax, fine, p).argmin(dim=0)
             ratio = fine.gather(0, best[None]).squeeze(0)
@@ -412,8 +412,8 @@ class ActQuantizer(nn.Module):
         """Clipping ratio of ``amax`` with the least quantization MSE on the sample ``v``."""
         if v.numel() == 0 or amax <= 0:
             return 1.0
-        ratios = torch.linspace(1.0, min_ratio, steps)
-        err = clipping_errors(v[None], torch.tensor([amax]), ratios[:, None], self.qmin, self.qmax, 2.0)[:, 0]
+        ratios = torch.linspace(1.0, min_ratio, steps, device=v.device)
+        err = clipping_errors(v[None], torch.tensor([amax], device=v.device), ratios[:, None], self.qmin, self.qmax, 2.0)[:, 0]
         return float(ratios[int(torch.argmin(err))])  # first minimum: ties keep the wider range
 
     @torch.no_grad()

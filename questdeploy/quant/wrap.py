@@ -422,6 +422,7 @@ def quantize_unet(unet: nn.Module, config: QuantConfig | None = None, *, inplace
     config.validate()
     if not inplace:
         unet = copy.deepcopy(unet)
+    device = next(unet.parameters()).device
     bins = config.bins
     G = bins.num_groups
     notes: dict[str, str] = {}
@@ -467,4 +468,5 @@ def quantize_unet(unet: nn.Module, config: QuantConfig | None = None, *, inplace
     for n, m in unet.named_modules():
         if isinstance(m, (WeightQuantizer, ActQuantizer, QuantAttnProcessor)):
             m.name = n
+    unet.to(device)  # the new quantizer parameters start on the CPU; keep them beside the weights
     return QuantizedUNet(unet, config, notes)

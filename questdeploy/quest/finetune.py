@@ -83,6 +83,7 @@ class FinetuneConfig:
     w_local: float = 1.0
     w_global: float = 2.0
     checkpoint_every: int = 25         # iterations between resume points (0 = never)
+    device: str = "cpu"                # torch device of initialisation and training ("cuda", "cuda:1")
     policy: SelectionPolicy = field(default_factory=SelectionPolicy)
 
     def __post_init__(self):
@@ -110,6 +111,7 @@ class FinetuneConfig:
                               hint=f"use one of {', '.join(WEIGHT_ROUNDINGS)}.")
         if min(self.tla_iters_per_group, self.cma_epochs, self.cma_iters_per_group) < 0:
             raise ConfigError("iteration counts must be >= 0.", hint="e.g. --tla-iters 40 --cma-iters 40.")
+        check_device(self.device)
 
     def quant_config(self, num_train_timesteps: int) -> QuantConfig:
         w, a = parse_bits(self.bits)
@@ -117,6 +119,40 @@ class FinetuneConfig:
         return QuantConfig(w_bits=w, a_bits=a, weight_granularity=gran, block_size=self.block_size,
                            num_groups=self.num_groups, num_train_timesteps=num_train_timesteps,
                            method=self.method, target=self.target)
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device that exists here, or a ConfigError naming the fix."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown --device {device!r}.", hint="use cpu, cuda or cuda:N.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is not supported.", hint="use cpu, cuda or cuda:N.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch sees no CUDA device here.",
+                              hint="use --device cpu, or a CUDA build of torch on a GPU machine.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here.",
+                              hint="use cuda:0 .. cuda:N-1.")
+    return dev
+
+
+class CalibOnDevice:
+    """The calibration data, handing out its tensors on ``device`` (the model's) instead of the CPU."""
+
+    def __init__(self, calib, device: torch.device):
+        self._calib = calib
+        self.device = device
+        self.timesteps = calib.timesteps
+        self.cond = None if calib.cond is None else calib.cond.to(device)
+
+    def step(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.to(self.device) for t in self._calib.step(i))
+
+    def __len__(self) -> int:
+        return len(self._calib)
 
 
 class _Capture:
@@ -162,9 +198,9 @@ class _Batches:
     def draw(self, steps: list[int]):
         i = steps[int(torch.randint(len(steps), (1,), generator=self.gen))]
         x, eps = self.step(i)
-        idx = torch.randperm(x.shape[0], generator=self.gen)[: self.bs]
+        idx = torch.randperm(x.shape[0], generator=self.gen)[: self.bs].to(x.device)  # CPU generator: same draws anywhere
         cond = None if self.calib.cond is None else self.calib.cond[idx]
-        t = torch.full((len(idx),), self.calib.timesteps[i], dtype=torch.long)
+        t = torch.full((len(idx),), self.calib.timesteps[i], dtype=torch.long, device=x.device)
         return x[idx], t, cond, eps[idx]
 
 
@@ -221,7 +257,7 @@ def _calib_batches(calib, n: int):
     for i, t in enumerate(calib.timesteps):
         x = calib.step(i)[0][: max(1, n)]
         cond = None if calib.cond is None else calib.cond[: x.shape[0]]
-        yield x, torch.full((x.shape[0],), t, dtype=torch.long), cond
+        yield x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), cond
 
 
 def round_weights_gptq(qunet: QuantizedUNet, fp_unet: nn.Module, calib, samples_per_step: int) -> dict[str, float]:

@@ -124,23 +124,29 @@ def test_trt_form_export_builds_and_matches(tmp_path, tiny_cond_pipeline):
 
 
 def test_tensorrt_rtx_ep_runs_the_trt_form(tmp_path):
-    """TensorRT-RTX through onnxruntime's plugin EP API (engines/README.md); skips without the wheel or a GPU."""
-    ep = pytest.importorskip("onnxruntime_ep_nv_tensorrt_rtx", reason="onnxruntime-ep-nv-tensorrt-rtx-cu12 not installed")
+    """TensorRT-RTX through onnxruntime's plugin EP API (engines/README.md): the whole hand-made trt-form graph
+    on the EP (no CPU fallback), per timestep against onnxruntime CPU. Skips without the wheel or a GPU."""
+    pytest.importorskip("onnxruntime_ep_nv_tensorrt_rtx", reason="onnxruntime-ep-nv-tensorrt-rtx-cu12 not installed")
     import onnxruntime as ort
 
-    ort.register_execution_provider_library(ep.get_ep_name(), ep.get_library_path())
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == ep.get_ep_name()]
+    from questdeploy.engine.errors import NoCudaDeviceError
+    from questdeploy.engine.rtx import register_rtx_ep
+    from questdeploy.engine.runner import compare_outputs
+
+    try:
+        _, devices = register_rtx_ep(ort)
+    except NoCudaDeviceError as e:
+        pytest.skip(str(e))
     if not devices:
         pytest.skip("the TensorRT-RTX EP found no supported GPU here")
     path = tmp_path / "tiny_trt.onnx"
     onnx.save(unet_like("trt", onnx.TensorProto.FLOAT), str(path))
     so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")  # every node on TensorRT-RTX
     so.add_provider_for_devices(devices, {})
     sess = ort.InferenceSession(str(path), sess_options=so)
-    feeds = _feeds(2)
+    feeds = _feeds(3)
     got = [dict(zip([o.name for o in sess.get_outputs()], sess.run(None, f))) for f in feeds]
-    from questdeploy.engine.runner import compare_outputs
-
     w = compare_outputs(_ort(path, feeds), got, feeds).worst()
     print("TensorRT-RTX EP vs onnxruntime CPU:", w)
     assert w["cosine_min"] > 0.99

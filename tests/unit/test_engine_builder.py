@@ -146,3 +146,31 @@ def test_builder_failure_is_reported(fake_trt, onnx_file, tmp_path):
     fake_trt(build_fails=True)
     with pytest.raises(EngineBuildError, match="no implementation for layer bad_node"):
         B.build_engine(_opts(onnx_file, tmp_path), log=lambda s: None)
+
+
+def test_rtx_ep_missing_package_is_a_typed_error(monkeypatch):
+    import onnxruntime as ort
+
+    from questdeploy.engine.rtx import register_rtx_ep
+
+    monkeypatch.setitem(sys.modules, "onnxruntime_ep_nv_tensorrt_rtx", None)  # import fails
+    with pytest.raises(TensorRTNotInstalledError, match="TensorRT-RTX EP is not installed") as e:
+        register_rtx_ep(ort)
+    assert "onnxruntime-ep-nv-tensorrt-rtx-cu12" in e.value.hint and e.value.exit_code == 3
+
+
+def test_rtx_ep_unloadable_library_is_a_typed_error(monkeypatch, tmp_path):
+    """A library onnxruntime cannot load (here: not a shared object at all) says what the EP needs."""
+    import types
+
+    import onnxruntime as ort
+
+    from questdeploy.engine.rtx import register_rtx_ep
+
+    lib = tmp_path / "libonnxruntime_providers_nv_tensorrt_rtx.so"
+    lib.write_bytes(b"not an ELF file")
+    fake = types.SimpleNamespace(get_ep_name=lambda: "QuestdeployTestRtxEP", get_library_path=lambda: str(lib))
+    monkeypatch.setitem(sys.modules, "onnxruntime_ep_nv_tensorrt_rtx", fake)
+    with pytest.raises(NoCudaDeviceError, match="could not load the TensorRT-RTX EP") as e:
+        register_rtx_ep(ort)
+    assert "libcuda.so.1" in e.value.hint

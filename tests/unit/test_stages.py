@@ -218,3 +218,17 @@ def test_caching_frozen_weights_does_not_change_the_finetuned_model(ctx, monkeyp
     monkeypatch.setattr(quest_finetune, "_freeze_untrained", lambda *a: contextlib.ExitStack())
     plain = run_stage(ctx, finetune.STAGE, FinetuneConfig(method="quest", **TINY_FT))
     assert sha256_file(plain.outputs / "checkpoint" / "model.safetensors") == h_cached
+
+
+@pytest.mark.parametrize("device,needle", [("mps", "not supported"), ("tpu", "unknown --device")])
+def test_finetune_device_must_be_cpu_or_cuda(device, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        FinetuneConfig(device=device)
+    assert "cpu, cuda or cuda:N" in e.value.hint
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_finetune_on_cuda_without_a_gpu_says_so():
+    with pytest.raises(ConfigError, match="torch sees no CUDA device") as e:
+        FinetuneConfig(device="cuda")
+    assert "--device cpu" in e.value.hint
