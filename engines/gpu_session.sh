@@ -19,7 +19,7 @@ finetune)
   python3 -m pytest -p no:cacheprovider -q -s tests/gpu/test_finetune_gpu.py 2>&1 | tail -8
   # quest vs full on the GPU, same options as the README's CPU table; calibration stays on the CPU
   timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_quest.py --device cuda --no-eval --out /tmp/bq \
-    --bits "${BENCH_BITS:-w4a8,w4a4,w8a8}" --methods quest,full --extra-for "full=--tla-iters 20 --cma-iters 40"
+    --bits "${BENCH_BITS:-w4a8,w4a4,w8a8}" --methods "${BENCH_METHODS:-quest,full}" --extra-for "full=--tla-iters 20 --cma-iters 40"
   cp /tmp/bq/results.json "$out/gpu_finetune_results.json" 2>/dev/null
   for run in /tmp/bq/w*-*; do  # the checkpoints, for evaluation on the CPU machine
     [ -f "$run/finetune/report.json" ] && tar -C "$run" -czf "$out/$(basename "$run").tgz" finetune run.json
@@ -32,6 +32,18 @@ rtx-install)
   ;;
 rtx)
   out=$1; shift
+  if [ ! -e /sys/class/drm/card0 ] && [ -z "${QD_GPU_EXPOSED:-}" ]; then
+    # onnxruntime finds GPUs only as /sys/class/drm/cardN (its Linux device discovery); a VM whose NVIDIA driver
+    # has no DRM module shows none, so every plugin EP lists no device. In a private mount namespace, give the
+    # real NVIDIA PCI device that name; the EP then runs on the real GPU. Needs root.
+    exec unshare -m env QD_GPU_EXPOSED=1 bash "$0" rtx "$out" "$@"
+  fi
+  if [ -n "${QD_GPU_EXPOSED:-}" ]; then
+    gpu=$(for d in /sys/bus/pci/devices/*; do
+      [ "$(cat "$d/vendor")" = 0x10de ] && case $(cat "$d/class") in 0x03*) readlink -f "$d"; break ;; esac; done)
+    [ -d /sys/class/drm ] && mount -t tmpfs none /sys/class/drm || mount -t tmpfs none /sys/class
+    mkdir -p /sys/class/drm/card0 && ln -s "$gpu" /sys/class/drm/card0/device && echo "exposed $gpu as /sys/class/drm/card0"
+  fi
   python3 -m pytest -p no:cacheprovider -q -s tests/gpu/test_engine_gpu.py -k rtx 2>&1 | tail -6
   python3 engines/rtx_ep_check.py "$@" --batch "${RTX_BATCH:-2}" --dim "${RTX_DIM:-77}" --iters "${RTX_ITERS:-50}" \
     --json "$out/rtx_$(date +%s).json"

