@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    from questdeploy.engine.rtx import register_rtx_ep
+    from questdeploy.engine.rtx import register_rtx_ep, why_no_rtx_device
     from questdeploy.errors import QuestDeployError
 
     try:
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         return 2
     print(f"onnxruntime {ort.__version__}; EP {name}; devices: {[str(d.device.type) for d in devices] or 'none'}")
     if not devices:
-        print("the TensorRT-RTX EP supports no device here (it targets RTX / Ampere+ GPUs)")
+        print(f"the TensorRT-RTX EP offers no device here: {why_no_rtx_device()}")
         return 3
     for d in devices:
         print(f"  device: vendor {d.device.vendor} id {d.device.device_id} metadata {dict(d.device.metadata)} "

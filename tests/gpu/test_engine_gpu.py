@@ -130,7 +130,7 @@ def test_tensorrt_rtx_ep_runs_the_trt_form(tmp_path):
     import onnxruntime as ort
 
     from questdeploy.engine.errors import NoCudaDeviceError
-    from questdeploy.engine.rtx import register_rtx_ep
+    from questdeploy.engine.rtx import register_rtx_ep, why_no_rtx_device
     from questdeploy.engine.runner import compare_outputs
 
     try:
@@ -138,7 +138,7 @@ def test_tensorrt_rtx_ep_runs_the_trt_form(tmp_path):
     except NoCudaDeviceError as e:
         pytest.skip(str(e))
     if not devices:
-        pytest.skip("the TensorRT-RTX EP found no supported GPU here")
+        pytest.skip(f"the TensorRT-RTX EP offers no device: {why_no_rtx_device()}")
     path = tmp_path / "tiny_trt.onnx"
     onnx.save(unet_like("trt", onnx.TensorProto.FLOAT), str(path))
     so = ort.SessionOptions()

@@ -174,3 +174,17 @@ def test_rtx_ep_unloadable_library_is_a_typed_error(monkeypatch, tmp_path):
     with pytest.raises(NoCudaDeviceError, match="could not load the TensorRT-RTX EP") as e:
         register_rtx_ep(ort)
     assert "libcuda.so.1" in e.value.hint
+
+
+def test_why_no_rtx_device_names_the_compute_capability(monkeypatch):
+    import torch
+
+    from questdeploy.engine.rtx import why_no_rtx_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200")
+    msg = why_no_rtx_device()
+    assert "NVIDIA H200 has compute capability 9.0" in msg and "8.9" in msg and "build-engine" in msg
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 9))
+    assert "/sys/class/drm" in why_no_rtx_device()
