@@ -39,7 +39,7 @@ def register_rtx_ep(ort) -> tuple[str, list]:
             ort.register_execution_provider_library(name, rtx.get_library_path())
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail type
             raise NoCudaDeviceError(f"onnxruntime could not load the TensorRT-RTX EP: {e}",
-                                         hint="it needs an NVIDIA driver (libcuda.so.1) and onnxruntime >= 1.23") from None
+                                    hint="it needs an NVIDIA driver (libcuda.so.1) and onnxruntime >= 1.23") from None
     return name, [d for d in ort.get_ep_devices() if d.ep_name == name]
 
 
