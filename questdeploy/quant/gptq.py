@@ -143,6 +143,10 @@ def gptq_quantize_layers(fp_unet: nn.Module, layers: dict[str, nn.Module], batch
         if n not in hc.hessians:
             continue
         H = hc.hessians[n] / max(1, hc.rows[n])
+        smooth = getattr(layer, "input_smooth", None)
+        if smooth is not None:  # the layer sees x / s: H of the FP inputs becomes D^-1 H D^-1 (unfold is channel-major)
+            d = smooth.double().repeat_interleave(H.shape[0] // smooth.numel()).to(H.device)
+            H = H / (d[:, None] * d[None, :])
         wq = layer.weight_quantizer
         w = layer.weight.detach()
         new = gptq_round(w, wq, H, damp=damp, act_order=act_order)

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..sampling import unet_eps_fn
+from .smoothing import apply_smoothing
 from .wrap import QuantConfig, quantize_unet
 
 __all__ = ["weight_sensitivity", "choose_8bit_weights"]
@@ -32,7 +33,7 @@ Batch = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 @torch.no_grad()
 def weight_sensitivity(fp_unet: nn.Module, config: QuantConfig, batches: Iterable[Batch],
-                       progress: bool = False) -> dict[str, float]:
+                       progress: bool = False, smoothing: dict | None = None) -> dict[str, float]:
     """Per layer quantized at ``config.w_bits``: relative squared error of the noise prediction when only
     that layer's weights are quantized (round-to-nearest from the L_p-searched scales). Layers that
     ``config.weight_8bit`` already keeps at 8 bits are not scored.
@@ -42,6 +43,7 @@ def weight_sensitivity(fp_unet: nn.Module, config: QuantConfig, batches: Iterabl
     """
     weights_only = dataclasses.replace(config, a_bits=None, attn_bits=None)
     qunet = quantize_unet(fp_unet, weights_only)
+    apply_smoothing(qunet.unet, smoothing or {})  # the smoothed weights are the ones that get quantized
     qunet.init_weight_scales()
     inputs = list(batches)
     fp_eps, q_eps = unet_eps_fn(fp_unet), unet_eps_fn(qunet.unet)

@@ -68,6 +68,11 @@ class QuantConfig:
     * ``weight_init``, ``act_observer`` / ``act_percentile`` / ``act_momentum``: calibration defaults;
       ``act_observer_4bit`` for 4-bit activations (``"mse"`` clipping: on the default model it cuts the W4A4
       noise-prediction error 3.5x, while at 8 bits the same clipping is 9x *worse* than the max).
+    * ``smooth_alpha`` / ``smooth_layers``: per-input-channel smoothing (SmoothQuant's migration) of the layers
+      matching ``smooth_layers``: the input is divided by a per-channel factor ``s`` and the weight multiplied by
+      it, so the float function is unchanged while the per-tensor activation quantizer sees flatter channels;
+      ``s_c = amax(x_c)^alpha / amax(W_c)^(1 - alpha)`` from calibration (``compute_smoothing``). ``None``: off.
+      It exports as a constant per-channel ``Div`` before the layer's QuantizeLinear.
     * ``method`` / ``target``: recorded in the spec (``target`` in ``ort``/``trt``/``torch``).
     """
 
@@ -90,11 +95,13 @@ class QuantConfig:
     act_observer_4bit: str = "mse"
     act_percentile: float = 0.9999
     act_momentum: float | None = None
+    smooth_alpha: float | None = None
+    smooth_layers: tuple[str, ...] = ("*resnets.*.conv1", "*resnets.*.conv2", "*resnets.*.conv_shortcut")
     method: str = "ptq"
     target: str = "ort"
 
     def __post_init__(self):
-        for name in ("keep_float", "skip", "act_8bit", "weight_8bit"):
+        for name in ("keep_float", "skip", "act_8bit", "weight_8bit", "smooth_layers"):
             val = getattr(self, name)
             if isinstance(val, str):
                 val = (val,)
@@ -131,7 +138,11 @@ class QuantConfig:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
             raise QuantConfigError(f"block_size={self.block_size!r} must be an int >= 2", hint="e.g. block_size=32")
         self.bins  # validates num_groups / edges
-        for name in ("keep_float", "skip", "act_8bit", "weight_8bit"):
+        if self.smooth_alpha is not None and (isinstance(self.smooth_alpha, bool)
+                                              or not 0.0 < float(self.smooth_alpha) <= 1.0):
+            raise QuantConfigError(f"smooth_alpha={self.smooth_alpha!r} out of (0, 1]",
+                                   hint="e.g. 0.7, or None for no input smoothing")
+        for name in ("keep_float", "skip", "act_8bit", "weight_8bit", "smooth_layers"):
             if not all(isinstance(p, str) and p for p in getattr(self, name)):
                 raise QuantConfigError(f"{name} must be a list of non-empty patterns", hint='e.g. ["conv_in", "*.ff.*"]')
         if self.weight_init not in ("mse", "minmax"):
@@ -202,6 +213,9 @@ class _QuantLayerMixin:
         return mod
 
     def _quant_inputs(self, x):
+        smooth = getattr(self, "input_smooth", None)
+        if smooth is not None:  # per input channel: channels are dim 1 of a conv input, the last of a linear one
+            x = x / (smooth.view(1, -1, *([1] * (x.dim() - 2))) if isinstance(self, nn.Conv2d) else smooth)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
@@ -449,6 +463,8 @@ def quantize_unet(unet: nn.Module, config: QuantConfig | None = None, *, inplace
                 momentum=config.act_momentum,
             )
         _LAYER_TYPES[type(mod)].from_float(mod, wq, iq)
+        if config.smooth_alpha is not None and matches_any(name, config.smooth_layers):
+            mod.register_buffer("input_smooth", torch.ones(mod.weight.shape[1]))  # set by apply_smoothing
 
     attn_bits = config.effective_attn_bits
     for name, mod in [(n, m) for n, m in unet.named_modules() if _is_attention(m)]:
