@@ -463,7 +463,7 @@ def quantize_unet(unet: nn.Module, config: QuantConfig | None = None, *, inplace
                 momentum=config.act_momentum,
             )
         _LAYER_TYPES[type(mod)].from_float(mod, wq, iq)
-        if config.smooth_alpha is not None and matches_any(name, config.smooth_layers):
+        if config.smooth_alpha is not None and matches_any(name, config.smooth_layers) and getattr(mod, "groups", 1) == 1:
             mod.register_buffer("input_smooth", torch.ones(mod.weight.shape[1]))  # set by apply_smoothing
 
     attn_bits = config.effective_attn_bits
