@@ -35,13 +35,6 @@ def _feed(sess, batch: int, dim: int, timestep: float, seed: int = 0) -> dict:
     return feed
 
 
-def _agreement(ref: np.ndarray, got: np.ndarray) -> dict:
-    a, b = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-    return {"max_abs": float(np.abs(a - b).max()),
-            "rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)),
-            "cosine": float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))}
-
-
 def _rtx_session(ort, path: str, devices, allow_cpu_fallback: bool):
     so = ort.SessionOptions()
     if not allow_cpu_fallback:  # creation fails unless the EP takes every node
@@ -74,6 +67,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from questdeploy.engine.rtx import register_rtx_ep, why_no_rtx_device
+    from questdeploy.engine.runner import compare_outputs
     from questdeploy.errors import QuestDeployError
 
     try:
@@ -96,14 +90,15 @@ def main(argv=None) -> int:
         so_cpu.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # exact Q/DQ reference
         cpu = ort.InferenceSession(path, so_cpu, providers=["CPUExecutionProvider"])
         feeds = [_feed(cpu, args.batch, args.dim, t) for t in timesteps]
-        refs = [cpu.run(None, f)[0] for f in feeds]
+        names = [o.name for o in cpu.get_outputs()]
+        refs = [dict(zip(names, cpu.run(None, f))) for f in feeds]
         r["cpu"] = _time(cpu, feeds[len(feeds) // 2], max(5, args.iters // 5))
         sess = None
         for fallback in (False, True):
             try:
                 t0 = time.perf_counter()
                 sess = _rtx_session(ort, path, devices, allow_cpu_fallback=fallback)
-                got = [sess.run(None, f)[0] for f in feeds]
+                got = [dict(zip(names, sess.run(None, f))) for f in feeds]
                 r["session_and_first_runs_s"] = round(time.perf_counter() - t0, 2)
                 r["whole_graph_on_ep"] = not fallback
                 break
@@ -117,10 +112,8 @@ def main(argv=None) -> int:
             continue
         r["accepted"] = True
         r["providers"] = sess.get_providers()
-        r["per_timestep"] = [{"timestep": t, **_agreement(a, b)} for t, a, b in zip(timesteps, refs, got)]
-        r["worst"] = {"max_abs": max(x["max_abs"] for x in r["per_timestep"]),
-                      "rel_l2": max(x["rel_l2"] for x in r["per_timestep"]),
-                      "cosine_min": min(x["cosine"] for x in r["per_timestep"])}
+        comp = compare_outputs(refs, got, feeds).to_dict()
+        r["per_timestep"], r["worst"] = comp["steps"], comp["worst"]
         r["rtx"] = _time(sess, feeds[len(feeds) // 2], args.iters)
         results[path] = r
         print(json.dumps(r, indent=2))
