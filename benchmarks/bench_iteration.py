@@ -1,5 +1,6 @@
-"""Cost of one finetuning iteration (FP teacher forward + quantized forward + backward + Adam step) per method
-and batch size, on a device: separates per-iteration overhead (Python, kernel launches) from arithmetic.
+"""Cost of one finetuning iteration (FP teacher forward when there is a local loss, quantized forward, backward,
+Adam step) per method and batch size, on a device: separates per-iteration overhead (Python, kernel launches)
+from arithmetic.
 
     python benchmarks/bench_iteration.py --run-dir runs/default                  # needs a calibrated run
     python benchmarks/bench_iteration.py --run-dir runs/default --device cuda --batch 1,16,64
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
             contenders[(method, bs)] = (q, opt, taps, batch)
 
     def step(q, opt, taps, batch):
-        loss, _, _ = F._loss(q, fp, batch, taps, 1.0, 2.0)
+        loss, _, _ = F._loss(q, fp, batch, taps, cfg.w_local, cfg.w_global)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

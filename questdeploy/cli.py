@@ -192,10 +192,13 @@ def finetune_options(f):
         click.option("--lr-weights", type=float, default=None,
                      help="Weight learning rate [default: 1e-4 for quest, 1e-5 for full]."),
         click.option("--lr-scales", type=float, default=None,
-                     help="Activation-scale learning rate [default: 1e-3; 1e-2 for quest with 4-bit activations]."),
+                     help="Activation-scale learning rate [default: 1e-3; 3e-3 with 4-bit activations]."),
+        click.option("--w-local", type=float, default=None,
+                     help="Weight of the local loss (selected layers' outputs vs FP) next to the global one (weight 2) "
+                          "[default: 1; 0 with 4-bit activations]."),
         click.option("--smooth-alpha", type=float, default=None,
                      help="Input smoothing of the ResNet convs (channel ranges moved into the weights), 0..1; "
-                          "0 = off [default: 0.7 with 4-bit activations, else off]."),
+                          "0 = off [default: 0.85 with 4-bit activations, else off]."),
         click.option("--device", default=_FT.device, show_default=True,
                      help="Where initialisation and finetuning run: cpu, cuda or cuda:N. The checkpoint is the same "
                           "format either way; GPU numerics differ from the CPU's in the last bits."),

@@ -142,8 +142,8 @@ def test_learning_rate_defaults_per_method_and_explicit_wins():
 
 
 def test_scale_learning_rate_follows_method_and_activation_bits_and_explicit_wins():
-    assert FinetuneConfig(bits="w4a4").lr_scales == 1e-2
-    assert FinetuneConfig(bits="w4a4", method="full").lr_scales == 1e-3
+    assert FinetuneConfig(bits="w4a4").lr_scales == 3e-3
+    assert FinetuneConfig(bits="w4a4", method="full").lr_scales == 3e-3
     assert FinetuneConfig(bits="w4a8").lr_scales == FinetuneConfig(bits="w8a8").lr_scales == 1e-3
     assert FinetuneConfig(bits="w4a16").lr_scales == 1e-3
     assert FinetuneConfig(bits="w4a4", lr_scales=5e-4).lr_scales == 5e-4
@@ -232,3 +232,38 @@ def test_finetune_on_cuda_without_a_gpu_says_so():
     with pytest.raises(ConfigError, match="torch sees no CUDA device") as e:
         FinetuneConfig(device="cuda")
     assert "--device cpu" in e.value.hint
+
+
+def test_local_loss_weight_defaults_by_activation_width_and_is_validated():
+    assert FinetuneConfig(bits="w4a4").w_local == 0.0
+    assert FinetuneConfig(bits="w4a8").w_local == FinetuneConfig(bits="w8a16").w_local == 1.0
+    assert FinetuneConfig(bits="w4a4", w_local=0.5).w_local == 0.5
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="loss weights") as e:
+            FinetuneConfig(w_local=bad)
+        assert "--w-local" in e.value.hint
+
+
+def test_global_only_loss_skips_the_teacher_forward(ctx):
+    """Without the local term the FP noise prediction comes from the calibration data: the teacher never runs,
+    and the loss is exactly w_global * MSE(quantized output, recorded FP output)."""
+    from questdeploy.quest import finetune as qf
+
+    _calibrate(ctx)
+    calib = calibrate.CalibrationData(ctx.run.stage_dir("calibrate"))
+    cfg = FinetuneConfig(method="quest", **TINY_FT)
+    qunet = qf.initialise(ctx.model.unet, calib, cfg, ctx.model.num_train_timesteps)
+    calls = []
+    hook = ctx.model.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        batch = qf._Batches(calib, 4, 0).draw([0])
+        taps = list(qunet.quant_layers())[:2]
+        with torch.no_grad():
+            loss, local, glob = qf._loss(qunet, ctx.model.unet, batch, taps, 0.0, 2.0)
+            assert not calls and local == 0.0
+            out = qunet(batch[0], batch[1], batch[2])
+            assert float(loss) == pytest.approx(2.0 * float(torch.nn.functional.mse_loss(out, batch[3])), rel=1e-6)
+            _, local1, _ = qf._loss(qunet, ctx.model.unet, batch, taps, 1.0, 2.0)
+            assert calls and local1 > 0.0
+    finally:
+        hook.remove()
