@@ -8,7 +8,8 @@ Method (see shared notes, quest-method.md):
 * CMA: train the attention-sensitive layers (feed-forward) plus every activation scale of the
   current group except the time-embedding ones; one weight optimizer across groups, a fresh scale
   optimizer per group (so only that group's row of each table moves).
-* Loss: ``w_local * sum_l MSE(layer_l) + w_global * MSE(noise prediction)`` against the FP teacher.
+* Loss: ``w_local * sum_l MSE(layer_l) + w_global * MSE(noise prediction)`` against the FP teacher
+  (with 4-bit activations ``w_local`` defaults to 0: the global term alone did better, see ``W_LOCAL``).
 
 ``full`` trains every weight and every activation scale with the same losses and schedule (the
 costlier EfficientDM-style baseline); ``ptq`` stops after initialisation.
