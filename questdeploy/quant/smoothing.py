@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .wrap import matches_any
+from .wrap import matches_any, smoothable
 
 __all__ = ["compute_smoothing", "apply_smoothing"]
 
@@ -32,8 +32,7 @@ def compute_smoothing(fp_unet: nn.Module, batches: Iterable, patterns: Iterable[
     """``s`` per Conv2d / Linear of ``fp_unet`` matching ``patterns`` (and not ``skip``), from the inputs those
     layers see while the FP model runs ``batches`` of ``(sample, timestep, cond)``. Normalised to geometric
     mean 1 (the per-tensor scale absorbs any common factor)."""
-    targets = {n: m for n, m in fp_unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-               and matches_any(n, patterns) and not matches_any(n, skip) and getattr(m, "groups", 1) == 1}
+    targets = {n: m for n, m in fp_unet.named_modules() if smoothable(n, m, patterns) and not matches_any(n, skip)}
     amax: dict[str, torch.Tensor] = {}
 
     def hook(name, conv):

@@ -50,6 +50,12 @@ def matches_any(name: str, patterns: Iterable[str]) -> str | None:
     return None
 
 
+def smoothable(name: str, mod: nn.Module, patterns) -> bool:
+    """Whether input smoothing applies to ``mod``: an ungrouped Conv2d or a Linear matching ``patterns`` (a grouped
+    conv's input channels do not all meet every weight column, so one factor per channel cannot fold into it)."""
+    return isinstance(mod, (nn.Conv2d, nn.Linear)) and getattr(mod, "groups", 1) == 1 and matches_any(name, patterns)
+
+
 @dataclass
 class QuantConfig:
     """Which layers are quantized, how, and with which timestep bins. Validated on construction.
@@ -463,7 +469,7 @@ def quantize_unet(unet: nn.Module, config: QuantConfig | None = None, *, inplace
                 momentum=config.act_momentum,
             )
         _LAYER_TYPES[type(mod)].from_float(mod, wq, iq)
-        if config.smooth_alpha is not None and matches_any(name, config.smooth_layers) and getattr(mod, "groups", 1) == 1:
+        if config.smooth_alpha is not None and smoothable(name, mod, config.smooth_layers):
             mod.register_buffer("input_smooth", torch.ones(mod.weight.shape[1]))  # set by apply_smoothing
 
     attn_bits = config.effective_attn_bits

@@ -102,7 +102,7 @@ class FinetuneConfig:
     policy: SelectionPolicy = field(default_factory=SelectionPolicy)
 
     def __post_init__(self):
-        parse_bits(self.bits)
+        a_bits = parse_bits(self.bits)[1] or 8  # weight-only runs take the 8-bit-activation defaults
         if isinstance(self.policy, dict):
             self.policy = SelectionPolicy(**{k: tuple(v) for k, v in self.policy.items()})
         if self.method not in METHODS:
@@ -120,14 +120,14 @@ class FinetuneConfig:
         if self.lr_weights is None:
             self.lr_weights = LR_WEIGHTS[self.method]
         if self.lr_scales is None:
-            self.lr_scales = LR_SCALES[self.method][parse_bits(self.bits)[1] or 8]
+            self.lr_scales = LR_SCALES[self.method][a_bits]
         if self.w_local is None:
-            self.w_local = W_LOCAL[parse_bits(self.bits)[1] or 8]
+            self.w_local = W_LOCAL[a_bits]
         if isinstance(self.w_local, bool) or not 0.0 <= float(self.w_local) or not 0.0 < float(self.w_global):
             raise ConfigError(f"loss weights w_local={self.w_local!r}, w_global={self.w_global!r} are out of range.",
                               hint="use --w-local >= 0 (0 = global loss only) and a positive global weight.")
         if self.smooth_alpha is None:
-            self.smooth_alpha = SMOOTH_ALPHA_4BIT if parse_bits(self.bits)[1] == 4 else 0.0
+            self.smooth_alpha = SMOOTH_ALPHA_4BIT if a_bits == 4 else 0.0
         if isinstance(self.smooth_alpha, bool) or not 0.0 <= float(self.smooth_alpha) <= 1.0:
             raise ConfigError(f"--smooth-alpha {self.smooth_alpha!r} is out of range.",
                               hint="use a value in [0, 1], e.g. 0.7; 0 turns input smoothing off.")
