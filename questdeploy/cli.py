@@ -14,8 +14,11 @@ from pathlib import Path
 
 import click
 
-# Busy-waiting OpenMP threads made torch 5-6x slower whenever another process shared the cores
-# (measured on the 2-core CI machine); passive waiting costs nothing when the machine is idle.
+# Busy-waiting OpenMP threads made torch 5-6x slower whenever another process shared the cores (2-core CI
+# machine; two W4A4 finetunes at once: 1,750 ms per iteration each when spinning, 270-300 passive). Passive
+# waiting has a price on an idle machine: every small op wakes the sleeping thread, so with 2 threads an
+# iteration on the small default model took 440-460 ms against 180-240 spinning and 230-290 with 1 thread
+# (hence --threads).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
@@ -45,6 +48,9 @@ def common_options(f):
     @click.option("--seed", type=int, default=0, show_default=True, help="Seed for every random choice.")
     @click.option("--force", is_flag=True, help="Re-run even when the outputs are up to date.")
     @click.option("--quiet", is_flag=True, help="No progress bars.")
+    @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                  help="CPU threads for torch (0: torch's default, one per core). On the small default model 1 is "
+                       "faster than 2 (see README); results depend on it in the last bits, so keep it across a run.")
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         return f(*args, **kwargs)
@@ -52,11 +58,16 @@ def common_options(f):
     return wrapper
 
 
-def _context(run_dir: Path, model: str | None, conditioning: Path | None, seed: int, force: bool, quiet: bool):
+def _context(run_dir: Path, model: str | None, conditioning: Path | None, seed: int, force: bool, quiet: bool,
+             threads: int = 0):
+    import torch
+
     from .models import load_model
     from .runfolder import RunFolder
     from .stages.base import StageContext
 
+    if threads:
+        torch.set_num_threads(threads)
     loaded = load_model(model, conditioning)
     run = RunFolder(run_dir)
     return StageContext(run=run, model=loaded, seed=seed, progress=not quiet, force=force, log=_echo)
@@ -216,12 +227,12 @@ def _finetune_config(**kw):
 @cli.command(epilog=EPILOG_FINETUNE)
 @common_options
 @finetune_options
-def finetune(run_dir, model, conditioning, seed, force, quiet, **ft):
+def finetune(run_dir, model, conditioning, seed, force, quiet, threads, **ft):
     """Quantize (PTQ init) and selectively finetune with QuEST into a checkpoint (weights + JSON spec)."""
     from .stages.finetune import STAGE
 
-    _run_one(dict(run_dir=run_dir, model=model, conditioning=conditioning, seed=seed, force=force, quiet=quiet),
-             STAGE, _finetune_config(**ft))
+    _run_one(dict(run_dir=run_dir, model=model, conditioning=conditioning, seed=seed, force=force, quiet=quiet,
+                  threads=threads), STAGE, _finetune_config(**ft))
 
 
 @cli.command(epilog=EPILOG_RUN)
@@ -230,11 +241,12 @@ def finetune(run_dir, model, conditioning, seed, force, quiet, **ft):
 @click.option("--calib-steps", type=int, default=25, show_default=True, help="DDIM steps of the calibration trajectory.")
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--eval-samples", type=int, default=500, show_default=True)
-def run(run_dir, model, conditioning, seed, force, quiet, calib_steps, calib_samples, eval_samples, **ft):
+def run(run_dir, model, conditioning, seed, force, quiet, threads, calib_steps, calib_samples, eval_samples, **ft):
     """Run the whole stage graph, skipping what is up to date and resuming what was interrupted."""
     from .pipeline import run_all
 
-    common = dict(run_dir=run_dir, model=model, conditioning=conditioning, seed=seed, force=force, quiet=quiet)
+    common = dict(run_dir=run_dir, model=model, conditioning=conditioning, seed=seed, force=force, quiet=quiet,
+                  threads=threads)
     ctx = _context(**common)
     with ctx.run.locked():
         ctx.run.bind_model(ctx.model.model_id, ctx.model.path)
@@ -330,7 +342,7 @@ def build_engine(check_only, no_polygraphy_lint, dims, **opts):
     """Lint the exported ONNX for TensorRT, then build an INT8 / INT4 / FP16 engine (needs TensorRT + a GPU)."""
     from .stages.build_engine import STAGE, BuildEngineConfig, raise_if_failed
 
-    common = {k: opts.pop(k) for k in ("run_dir", "model", "conditioning", "seed", "force", "quiet")}
+    common = {k: opts.pop(k) for k in ("run_dir", "model", "conditioning", "seed", "force", "quiet", "threads")}
     cfg = BuildEngineConfig(check_only=check_only, polygraphy_lint=not no_polygraphy_lint, dims=tuple(dims), **opts)
     raise_if_failed(_run_one(common, STAGE, cfg).summary, check_only)
 

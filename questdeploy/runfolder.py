@@ -96,10 +96,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def environment() -> dict[str, str]:
-    """Library versions that decide numerics; recorded so a resumed run can warn on drift."""
+    """Library versions and the CPU thread count, which decide numerics; recorded so a resumed run can warn on
+    drift (a W4A4 finetune with 1 thread and with 2 gives different checkpoints: float sums in another order)."""
     import importlib.metadata as md
 
-    env = {"python": platform.python_version(), "machine": platform.machine()}
+    import torch
+
+    env = {"python": platform.python_version(), "machine": platform.machine(), "torch_threads": str(torch.get_num_threads())}
     for dist in ("questdeploy", "torch", "diffusers", "onnx", "onnxruntime", "numpy"):
         try:
             env[dist] = md.version(dist)

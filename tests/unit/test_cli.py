@@ -81,3 +81,23 @@ def test_stage_before_its_inputs(capsys, tmp_path, tiny_cond_pipeline):
 def test_commands_are_documented():
     for name, cmd in cli.commands.items():
         assert cmd.help and cmd.help.strip(), f"{name} has no docstring"
+
+
+def test_threads_option_sets_torch_threads_and_is_recorded(capsys, tmp_path, tiny_cond_pipeline):
+    import json
+
+    import torch
+
+    before = torch.get_num_threads()
+    want = 2 if before != 2 else 1
+    try:
+        code, _, err = _run(capsys, "calibrate", "--model", str(tiny_cond_pipeline), "--run-dir", str(tmp_path / "r"),
+                            "--steps", "2", "--num-samples", "2", "--quiet", "--threads", str(want))
+        assert code == 0, err
+        assert torch.get_num_threads() == want
+        manifest = json.loads((tmp_path / "r" / "run.json").read_text())
+        assert manifest["stages"]["calibrate"]["environment"]["torch_threads"] == str(want)
+    finally:
+        torch.set_num_threads(before)
+    code, _, err = _run(capsys, "finetune", "--threads", "-1", "--run-dir", str(tmp_path / "r2"))
+    assert code != 0 and "--threads" in err and not (tmp_path / "r2").exists()
