@@ -58,6 +58,14 @@ def common_options(f):
     return wrapper
 
 
+COMMON_KEYS = ("run_dir", "model", "conditioning", "seed", "force", "quiet", "threads")  # common_options' parameters
+
+
+def _pop_common(opts: dict) -> dict:
+    """Take the common options out of a command's keyword arguments, for ``_context``; the rest stay in ``opts``."""
+    return {k: opts.pop(k) for k in COMMON_KEYS}
+
+
 def _context(run_dir: Path, model: str | None, conditioning: Path | None, seed: int, force: bool, quiet: bool,
              threads: int = 0):
     import torch
@@ -227,12 +235,12 @@ def _finetune_config(**kw):
 @cli.command(epilog=EPILOG_FINETUNE)
 @common_options
 @finetune_options
-def finetune(run_dir, model, conditioning, seed, force, quiet, threads, **ft):
+def finetune(**ft):
     """Quantize (PTQ init) and selectively finetune with QuEST into a checkpoint (weights + JSON spec)."""
     from .stages.finetune import STAGE
 
-    _run_one(dict(run_dir=run_dir, model=model, conditioning=conditioning, seed=seed, force=force, quiet=quiet,
-                  threads=threads), STAGE, _finetune_config(**ft))
+    common = _pop_common(ft)
+    _run_one(common, STAGE, _finetune_config(**ft))
 
 
 @cli.command(epilog=EPILOG_RUN)
@@ -241,13 +249,11 @@ def finetune(run_dir, model, conditioning, seed, force, quiet, threads, **ft):
 @click.option("--calib-steps", type=int, default=25, show_default=True, help="DDIM steps of the calibration trajectory.")
 @click.option("--calib-samples", type=int, default=128, show_default=True)
 @click.option("--eval-samples", type=int, default=500, show_default=True)
-def run(run_dir, model, conditioning, seed, force, quiet, threads, calib_steps, calib_samples, eval_samples, **ft):
+def run(calib_steps, calib_samples, eval_samples, **ft):
     """Run the whole stage graph, skipping what is up to date and resuming what was interrupted."""
     from .pipeline import run_all
 
-    common = dict(run_dir=run_dir, model=model, conditioning=conditioning, seed=seed, force=force, quiet=quiet,
-                  threads=threads)
-    ctx = _context(**common)
+    ctx = _context(**_pop_common(ft))
     with ctx.run.locked():
         ctx.run.bind_model(ctx.model.model_id, ctx.model.path)
         _warn_drift(ctx.run)
@@ -342,7 +348,7 @@ def build_engine(check_only, no_polygraphy_lint, dims, **opts):
     """Lint the exported ONNX for TensorRT, then build an INT8 / INT4 / FP16 engine (needs TensorRT + a GPU)."""
     from .stages.build_engine import STAGE, BuildEngineConfig, raise_if_failed
 
-    common = {k: opts.pop(k) for k in ("run_dir", "model", "conditioning", "seed", "force", "quiet", "threads")}
+    common = _pop_common(opts)
     cfg = BuildEngineConfig(check_only=check_only, polygraphy_lint=not no_polygraphy_lint, dims=tuple(dims), **opts)
     raise_if_failed(_run_one(common, STAGE, cfg).summary, check_only)
 
