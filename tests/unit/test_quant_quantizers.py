@@ -5,7 +5,7 @@ import torch
 
 from questdeploy.quant.errors import CalibrationError, QuantConfigError, UnsupportedBitsError
 from questdeploy.quant.primitives import PerAxis, PerBlock, PerTensor, dequantize, quantize
-from questdeploy.quant.quantizers import ActQuantizer, WeightQuantizer, export_hook, weight_granularity_for
+from questdeploy.quant.quantizers import ActQuantizer, WeightQuantizer, clipping_errors, export_hook, weight_granularity_for
 
 
 def _lp_err(wq, w, p=2.4):
@@ -156,6 +156,44 @@ def test_act_mse_observer_clips_outliers_at_4_bits():
     assert one._samples[0].untyped_storage().nbytes() <= 4 * 2 * ActQuantizer.MSE_SAMPLES
     q.reset_observations()
     assert not q._samples
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_act_observer_statistics_skip_non_finite_values(signed):
+    """The one-pass statistic of all-finite batches and the filtering path for batches with inf / NaN agree
+    on the finite values, and the kept MSE sample holds only finite values."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 8, 8, generator=g) * 3
+    bad = x.clone()
+    bad[0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    finite = bad[torch.isfinite(bad)]
+    expect = float(finite.abs().max() if signed else finite.clamp_min(0).max())
+    q = ActQuantizer(bits=4, observer="mse", signed=signed)
+    assert q._batch_stat(bad) == (expect, False)
+    assert q._batch_stat(x) == (float(x.abs().max() if signed else x.clamp_min(0).max()), True)
+    q.observing = True
+    q(bad)
+    assert torch.isfinite(q._samples[0]).all() and q._stats[0][0] == expect
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_act_mse_clip_search_finds_the_full_scans_ratio(bits):
+    """The coarse-to-fine search returns the ratio a scan of all 100 candidates returns, on shapes that
+    activations take: Gaussian, one-sided (after SiLU), heavy-tailed, a few outliers, a narrow spike."""
+    g = torch.Generator().manual_seed(1)
+    n = 8192
+    samples = [torch.randn(n, generator=g), torch.nn.functional.silu(3 * torch.randn(n, generator=g)),
+               torch.randn(n, generator=g) / (torch.rand(n, generator=g) + 0.02),  # heavy tails
+               torch.randn(n, generator=g) * 0.1,
+               torch.cat([torch.randn(n, generator=g), torch.tensor([30.0, -25.0])])]
+    samples[3][:5] = 8.0
+    q = ActQuantizer(bits=bits)
+    ratios = torch.linspace(1.0, 0.05, 100)
+    for v in samples:
+        amax = float(v.abs().max())
+        full = clipping_errors(v[None], torch.tensor([amax]), ratios[:, None], q.qmin, q.qmax, 2.0)[:, 0]
+        assert q._mse_ratio(v, amax) == float(ratios[int(torch.argmin(full))])
+    assert q._mse_ratio(torch.zeros(0), 1.0) == 1.0
 
 
 def test_export_hook_replaces_forward_and_nests():
