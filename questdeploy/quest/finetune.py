@@ -86,8 +86,8 @@ class FinetuneConfig:
     gptq_samples_per_step: int = 16    # calibration samples per recorded step that feed the GPTQ Hessians
     w8_budget: float = 0.1             # at W4: fraction of weights kept 8-bit, the most sensitive layers (0 = pure W4)
     sensitivity_samples_per_step: int = 1  # calibration samples per recorded step that score layer sensitivity
-                                           # (default model: 1, 2 and 4 pick the same layers at W4A8 and W4A4;
-                                           # the cost grows with it: 2 took 17 s, 4 32 s)
+                                           # (default model: 1, 2 and 4 pick the same layers, 1 and 2 checked
+                                           # at W4A8 and W4A4; the cost grows with it: 2 took 17 s, 4 32 s)
     calib_samples_per_step: int = 64   # samples of each calibration step used for scale initialisation
     batch_size: int = 16
     tla_iters_per_group: int = 10      # 10 + 20 per group matched 20 + 40 in quality on the default model
