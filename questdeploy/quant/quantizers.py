@@ -363,11 +363,13 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def _batch_stat(self, x: torch.Tensor) -> tuple[float, bool]:
-        """(the statistic of ``x``'s finite values, whether every value is finite)."""
+        """(the statistic of ``x``'s finite values, whether the values were seen to be all finite: only the
+        one-pass max checks, which is all the "mse" observer's sample needs)."""
         v = x.detach().float().reshape(-1)
         if v.numel() == 0:
             return 0.0, True
-        if self.observer != "percentile" or self.percentile >= 1.0:
+        percentile = self.observer == "percentile" and self.percentile < 1.0
+        if not percentile:
             # One pass, no temporaries: min and max are finite exactly when every value is (NaN propagates).
             lo, hi = (float(m) for m in torch.aminmax(v))
             if math.isfinite(lo) and math.isfinite(hi):
@@ -376,9 +378,9 @@ class ActQuantizer(nn.Module):
         v = v[torch.isfinite(v)]
         if v.numel() == 0:
             return 0.0, False
-        if self.observer == "percentile" and self.percentile < 1.0:
+        if percentile:
             k = max(1, min(v.numel(), math.ceil(self.percentile * v.numel())))
-            return float(v.kthvalue(k).values), False  # (only the "mse" observer keeps samples)
+            return float(v.kthvalue(k).values), False
         return float(v.max()), False
 
     def observe(self, x: torch.Tensor, group: int | None = None) -> None:
