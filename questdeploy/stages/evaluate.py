@@ -1,8 +1,10 @@
 """Evaluation: sample with the FP or the quantized model and score the samples.
 
 Writes ``metrics.json`` and ``samples.png`` (and, for a quantized model, ``compare.png`` with FP and
-quantized samples from the same noise). Classifier accuracy and FID-proxy need a digit model (the
-embedded default or any 10-class, 1x16x16 model); PSNR vs FP works for every model.
+quantized samples from the same noise, and ``per_timestep_error.png``: the quantized model's noise
+prediction against FP's at every sampler step, both fed FP's own trajectory, which shows *where* in the
+sampling the quantization hurts). Classifier accuracy and FID-proxy need a digit model (the embedded
+default or any 10-class, 1x16x16 model); PSNR vs FP works for every model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from ..errors import ConfigError
 from ..images import save_grid
 from ..metrics import frechet_distance, psnr
-from ..sampling import batched_sample, initial_noise, unet_eps_fn
+from ..sampling import batched_sample, ddim_sample, initial_noise, unet_eps_fn
 from .base import Stage, StageContext
 
 
@@ -26,10 +28,11 @@ class EvalConfig:
     steps: int = 25
     batch_size: int = 250
     quantized: bool = False
+    per_timestep_samples: int = 100  # the first samples (10 per digit) whose FP trajectory feeds the error plot
 
     def __post_init__(self):
-        if self.num_samples < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("--num-samples, --steps and --batch-size must be positive.", hint="e.g. --num-samples 500 --steps 25.")
+        if min(self.num_samples, self.steps, self.batch_size, self.per_timestep_samples) < 1:
+            raise ConfigError("--num-samples, --steps, --batch-size (and per_timestep_samples) must be positive.", hint="e.g. --num-samples 500 --steps 25.")
 
 
 def _is_digit_model(ctx: StageContext) -> bool:
@@ -61,6 +64,27 @@ def generate(ctx: StageContext, eps_fn, cfg: EvalConfig, desc: str) -> tuple[tor
     return images, labels
 
 
+def per_timestep_error(ctx: StageContext, eps_fn, cfg: EvalConfig) -> list[dict]:
+    """``eps_fn``'s noise prediction against the FP UNet's at every DDIM step of FP's own trajectory (teacher
+    forcing: the errors do not compound), on the first ``cfg.per_timestep_samples`` evaluation samples (same
+    noise and labels). One row per step: timestep, relative L2, cosine, max-abs."""
+    from ..export.verify import compare_arrays
+
+    n = min(cfg.num_samples, cfg.per_timestep_samples)
+    k = max(ctx.model.conditioner.num_classes, 1)
+    cond = ctx.model.conditioner(torch.arange(n) % k)
+    noise = initial_noise(cfg.num_samples, ctx.model.sample_shape, ctx.seed)[:n]
+    rows = []
+
+    def on_step(_i, t, x, eps_fp):
+        t_batch = t.expand(x.shape[0]) if t.ndim == 0 else t
+        eps_q = eps_fn(x, t_batch, cond)
+        rows.append({"timestep": float(t), **compare_arrays(eps_fp.cpu().numpy(), eps_q.detach().cpu().numpy())})
+
+    ddim_sample(unet_eps_fn(ctx.model.unet), ctx.model.scheduler_config, noise, cond, cfg.steps, on_step=on_step)
+    return rows
+
+
 def _grid_order(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10) -> torch.Tensor:
     """Rows of one class each (10 x 10 for digits) so a person sees at a glance which digit fails."""
     k = int(labels.max()) + 1
@@ -90,6 +114,13 @@ def execute(ctx: StageContext, cfg: EvalConfig, out: Path) -> dict:
         save_grid(_grid_order(q_images, labels), out / "samples_quantized.png")
         both = torch.stack([_grid_order(fp_images, labels), _grid_order(q_images, labels)], 1).flatten(0, 1)
         save_grid(both, out / "compare_fp_vs_quantized.png", nrow=20)
+        from ..export.verify import plot_per_timestep, summarize_steps
+
+        rows = per_timestep_error(ctx, lambda x, t, c: qunet(x, t, c), cfg)
+        metrics["per_timestep"] = {"samples": min(cfg.num_samples, cfg.per_timestep_samples), **summarize_steps(rows),
+                                   "rows": rows}
+        plot_per_timestep({"quantized vs FP": rows}, out / "per_timestep_error.png",
+                          title="quantized vs FP noise prediction on FP's trajectory")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

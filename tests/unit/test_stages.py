@@ -107,8 +107,30 @@ def test_eval_quantized_compares_with_fp(ctx):
     res = run_stage(ctx, evaluate.STAGE_QUANT, evaluate.EvalConfig(num_samples=8, steps=3, batch_size=8, quantized=True))
     m = json.loads((res.outputs / "metrics.json").read_text())
     assert m["quantized"]["psnr_vs_fp_db"] > 10
-    for png in ("samples_fp.png", "samples_quantized.png", "compare_fp_vs_quantized.png"):
+    for png in ("samples_fp.png", "samples_quantized.png", "compare_fp_vs_quantized.png", "per_timestep_error.png"):
         assert (res.outputs / png).stat().st_size > 100
+    pt = m["per_timestep"]
+    assert pt["samples"] == 8 and pt["steps"] == 3 == len(pt["rows"])
+    ts = [r["timestep"] for r in pt["rows"]]
+    assert ts == sorted(ts, reverse=True)  # sampling order, high noise first
+    assert all(0 < r["rel_l2"] < 1 and r["finite"] for r in pt["rows"])  # the quantized model, not FP, was scored
+    assert pt["rel_l2_max"] == max(r["rel_l2"] for r in pt["rows"])
+
+
+def test_per_timestep_error_feeds_both_models_the_fp_trajectory(ctx):
+    cfg = evaluate.EvalConfig(num_samples=6, steps=4, per_timestep_samples=4)
+    fp = ctx.model.unet
+    same = evaluate.per_timestep_error(ctx, lambda x, t, c: fp(x, t, encoder_hidden_states=c).sample, cfg)
+    assert len(same) == 4 and all(r["rel_l2"] == 0.0 and r["max_abs"] == 0.0 for r in same)
+    seen = []
+
+    def shifted(x, t, c):
+        seen.append((x.shape[0], int(t[0])))
+        return fp(x, t, encoder_hidden_states=c).sample + 0.01
+
+    rows = evaluate.per_timestep_error(ctx, shifted, cfg)
+    assert [b for b, _ in seen] == [4] * 4 and [t for _, t in seen] == [r["timestep"] for r in rows]
+    assert all(r["max_abs"] == pytest.approx(0.01, rel=1e-4) for r in rows)
 
 
 def test_nan_in_calibration_data_is_refused(ctx):
