@@ -122,7 +122,10 @@ def execute(ctx: StageContext, cfg: EvalConfig, out: Path) -> dict:
         plot_per_timestep({"quantized vs FP": rows}, out / "per_timestep_error.png",
                           title="quantized vs FP noise prediction on FP's trajectory")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    summary = dict(metrics)  # for the manifest and the console: the per-step rows stay in metrics.json
+    if "per_timestep" in summary:
+        summary["per_timestep"] = {k: v for k, v in summary["per_timestep"].items() if k != "rows"}
+    return summary
 
 
 STAGE_FP = Stage("eval", (), execute, "sample and score the full-precision model")

@@ -115,6 +115,7 @@ def test_eval_quantized_compares_with_fp(ctx):
     assert ts == sorted(ts, reverse=True)  # sampling order, high noise first
     assert all(0 < r["rel_l2"] < 1 and r["finite"] for r in pt["rows"])  # the quantized model, not FP, was scored
     assert pt["rel_l2_max"] == max(r["rel_l2"] for r in pt["rows"])
+    assert "rows" not in res.summary["per_timestep"]  # the manifest and the console get the summary only
 
 
 def test_per_timestep_error_feeds_both_models_the_fp_trajectory(ctx):
