@@ -117,7 +117,7 @@ Examples:
 EPILOG_EVAL = """\b
 Examples:
   questdeploy eval                              # FP model: 500 samples, accuracy, FID-proxy, grid PNG
-  questdeploy eval --quantized --run-dir runs/w4a8
+  questdeploy eval --quantized --run-dir runs/w4a8   # + PSNR vs FP, per_timestep_error.png
   questdeploy eval --engine runs/default/build-engine/model.plan      # sample with a TensorRT engine (GPU)
 """
 
