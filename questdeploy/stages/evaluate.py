@@ -1,7 +1,7 @@
 """Evaluation: sample with the FP or the quantized model and score the samples.
 
-Writes ``metrics.json`` and ``samples.png`` (and, for a quantized model, ``compare.png`` with FP and
-quantized samples from the same noise, and ``per_timestep_error.png``: the quantized model's noise
+Writes ``metrics.json`` and ``samples_fp.png`` (and, for a quantized model, ``samples_quantized.png``,
+``compare_fp_vs_quantized.png`` with FP and quantized samples from the same noise, and ``per_timestep_error.png``: the quantized model's noise
 prediction against FP's at every sampler step, both fed FP's own trajectory, which shows *where* in the
 sampling the quantization hurts). Classifier accuracy and FID-proxy need a digit model (the embedded
 default or any 10-class, 1x16x16 model); PSNR vs FP works for every model.
