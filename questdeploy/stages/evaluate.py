@@ -1,10 +1,10 @@
 """Evaluation: sample with the FP or the quantized model and score the samples.
 
-Writes ``metrics.json`` and ``samples_fp.png`` (and, for a quantized model, ``samples_quantized.png``,
-``compare_fp_vs_quantized.png`` with FP and quantized samples from the same noise, and ``per_timestep_error.png``: the quantized model's noise
-prediction against FP's at every sampler step, both fed FP's own trajectory, which shows *where* in the
-sampling the quantization hurts). Classifier accuracy and FID-proxy need a digit model (the embedded
-default or any 10-class, 1x16x16 model); PSNR vs FP works for every model.
+Writes ``metrics.json`` and ``samples_fp.png``; for a quantized model also ``samples_quantized.png``,
+``compare_fp_vs_quantized.png`` (FP and quantized samples from the same noise) and ``per_timestep_error.png``
+(the quantized model's noise prediction against FP's at every sampler step, both fed FP's own trajectory:
+*where* in the sampling the quantization hurts). Classifier accuracy and FID-proxy need a digit model (the
+embedded default or any 10-class, 1x16x16 model); PSNR vs FP works for every model.
 """
 
 from __future__ import annotations
