@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
-
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quest.py"
+from _scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quest", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_quest")
 
 
 def _row(method, seed, fid, acc=0.9, psnr=25.0, secs=100.0):
