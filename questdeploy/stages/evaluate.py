@@ -54,11 +54,15 @@ def digit_scores(images: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"classifier_accuracy": round(acc, 4), "fid_proxy": round(frechet_distance(feats.numpy(), real_feats.numpy()), 4)}
 
 
+def _eval_inputs(ctx: StageContext, cfg: EvalConfig, n: int):
+    """Labels (cycling through the classes), conditioning and seeded noise of the first ``n`` evaluation samples."""
+    labels = torch.arange(n) % max(ctx.model.conditioner.num_classes, 1)
+    noise = initial_noise(cfg.num_samples, ctx.model.sample_shape, ctx.seed)[:n]
+    return labels, ctx.model.conditioner(labels), noise
+
+
 def generate(ctx: StageContext, eps_fn, cfg: EvalConfig, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    k = max(ctx.model.conditioner.num_classes, 1)
-    labels = torch.arange(cfg.num_samples) % k
-    cond = ctx.model.conditioner(labels)
-    noise = initial_noise(cfg.num_samples, ctx.model.sample_shape, ctx.seed)
+    labels, cond, noise = _eval_inputs(ctx, cfg, cfg.num_samples)
     images = batched_sample(eps_fn, ctx.model.scheduler_config, noise, cond, cfg.steps, cfg.batch_size,
                             progress=ctx.progress, desc=desc)
     return images, labels
@@ -70,10 +74,7 @@ def per_timestep_error(ctx: StageContext, eps_fn, cfg: EvalConfig) -> list[dict]
     noise and labels). One row per step: timestep, relative L2, cosine, max-abs."""
     from ..export.verify import compare_arrays
 
-    n = min(cfg.num_samples, cfg.per_timestep_samples)
-    k = max(ctx.model.conditioner.num_classes, 1)
-    cond = ctx.model.conditioner(torch.arange(n) % k)
-    noise = initial_noise(cfg.num_samples, ctx.model.sample_shape, ctx.seed)[:n]
+    _, cond, noise = _eval_inputs(ctx, cfg, min(cfg.num_samples, cfg.per_timestep_samples))
     rows = []
 
     def on_step(_i, t, x, eps_fp):
