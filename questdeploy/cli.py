@@ -118,6 +118,7 @@ EPILOG_EVAL = """\b
 Examples:
   questdeploy eval                              # FP model: 500 samples, accuracy, FID-proxy, grid PNG
   questdeploy eval --quantized --run-dir runs/w4a8   # + PSNR vs FP, per_timestep_error.png
+  questdeploy eval --quantized --blame          # + which activation quantizers cost most, in metrics.json
   questdeploy eval --engine runs/default/build-engine/model.plan      # sample with a TensorRT engine (GPU)
 """
 
@@ -154,8 +155,10 @@ def calibrate(recipe, steps, num_samples, batch_size, **common):
 @click.option("--steps", type=int, default=25, show_default=True, help="DDIM steps.")
 @click.option("--batch-size", type=int, default=250, show_default=True)
 @click.option("--quantized", is_flag=True, help="Also sample the finetuned quantized model and compare with FP.")
+@click.option("--blame", is_flag=True, help="With --quantized: rank the activation quantizers by the share of the error "
+              "each causes at the two sampler steps with the largest error (leave-one-out; 2 min on the default model).")
 @click.option("--engine", "engine_plan", default=None, help="Sample with this TensorRT plan and compare with FP (needs a GPU).")
-def eval_cmd(num_samples, steps, batch_size, quantized, engine_plan, **common):
+def eval_cmd(num_samples, steps, batch_size, quantized, blame, engine_plan, **common):
     """Sample and score: classifier accuracy, FID-proxy, PSNR vs FP; sample grids as PNG."""
     from .stages.evaluate import STAGE_FP, STAGE_QUANT, EvalConfig
 
@@ -165,7 +168,7 @@ def eval_cmd(num_samples, steps, batch_size, quantized, engine_plan, **common):
         _run_one(common, ec.EVAL_STAGE, ec.EngineCheckConfig(plan=engine_plan, num_samples=num_samples, steps=steps))
         return
 
-    cfg = EvalConfig(num_samples=num_samples, steps=steps, batch_size=batch_size, quantized=quantized)
+    cfg = EvalConfig(num_samples=num_samples, steps=steps, batch_size=batch_size, quantized=quantized, blame=blame)
     _run_one(common, STAGE_QUANT if quantized else STAGE_FP, cfg)
 
 

@@ -29,10 +29,14 @@ class EvalConfig:
     batch_size: int = 250
     quantized: bool = False
     per_timestep_samples: int = 100  # the first samples (10 per digit) whose FP trajectory feeds the error plot
+    blame: bool = False                # also rank the activation quantizers by their share of the error
+    blame_steps: int = 2               # ... at this many sampler steps, those with the largest error
 
     def __post_init__(self):
-        if min(self.num_samples, self.steps, self.batch_size, self.per_timestep_samples) < 1:
-            raise ConfigError("--num-samples, --steps, --batch-size (and per_timestep_samples) must be positive.", hint="e.g. --num-samples 500 --steps 25.")
+        if min(self.num_samples, self.steps, self.batch_size, self.per_timestep_samples, self.blame_steps) < 1:
+            raise ConfigError("--num-samples, --steps, --batch-size (and per_timestep_samples, blame_steps) must be positive.", hint="e.g. --num-samples 500 --steps 25.")
+        if self.blame and not self.quantized:
+            raise ConfigError("--blame ranks the quantized model's activation quantizers.", hint="add --quantized.")
 
 
 def _is_digit_model(ctx: StageContext) -> bool:
@@ -68,10 +72,11 @@ def generate(ctx: StageContext, eps_fn, cfg: EvalConfig, desc: str) -> tuple[tor
     return images, labels
 
 
-def per_timestep_error(ctx: StageContext, eps_fn, cfg: EvalConfig) -> list[dict]:
+def per_timestep_error(ctx: StageContext, eps_fn, cfg: EvalConfig, feeds: list | None = None) -> list[dict]:
     """``eps_fn``'s noise prediction against the FP UNet's at every DDIM step of FP's own trajectory (teacher
     forcing: the errors do not compound), on the first ``cfg.per_timestep_samples`` evaluation samples (same
-    noise and labels). One row per step: timestep, relative L2, cosine, max-abs."""
+    noise and labels). One row per step: timestep, relative L2, cosine, max-abs. ``feeds``, if given, receives
+    each step's ``(sample, timestep, cond, FP eps)``."""
     from ..export.verify import compare_arrays
 
     _, cond, noise = _eval_inputs(ctx, cfg, min(cfg.num_samples, cfg.per_timestep_samples))
@@ -80,10 +85,24 @@ def per_timestep_error(ctx: StageContext, eps_fn, cfg: EvalConfig) -> list[dict]
     def on_step(_i, t, x, eps_fp):
         t_batch = t.expand(x.shape[0]) if t.ndim == 0 else t
         eps_q = eps_fn(x, t_batch, cond)
+        if feeds is not None:
+            feeds.append((x, t_batch, cond, eps_fp))
         rows.append({"timestep": float(t), **compare_arrays(eps_fp.cpu().numpy(), eps_q.detach().cpu().numpy())})
 
     ddim_sample(unet_eps_fn(ctx.model.unet), ctx.model.scheduler_config, noise, cond, cfg.steps, on_step=on_step)
     return rows
+
+
+def blame(qunet, rows: list[dict], feeds: list, steps: int, progress: bool = False, top: int = 20) -> dict:
+    """The activation quantizers that cost most at the ``steps`` sampler steps with the largest error
+    (leave-one-out shares, ``quant/sensitivity.py``), largest first: where higher precision would pay."""
+    from ..quant.sensitivity import activation_error_shares
+
+    worst = sorted(range(len(rows)), key=lambda i: rows[i]["rel_l2"], reverse=True)[:steps]
+    shares = activation_error_shares(qunet, [feeds[i] for i in sorted(worst)], progress=progress)
+    ranked = sorted(shares.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    return {"timesteps": [rows[i]["timestep"] for i in sorted(worst)],
+            "quantizers": [{"name": n, "error_share": s} for n, s in ranked]}
 
 
 def _grid_order(images: torch.Tensor, labels: torch.Tensor, per_class: int = 10) -> torch.Tensor:
@@ -117,15 +136,20 @@ def execute(ctx: StageContext, cfg: EvalConfig, out: Path) -> dict:
         save_grid(both, out / "compare_fp_vs_quantized.png", nrow=20)
         from ..export.verify import plot_per_timestep, summarize_steps
 
-        rows = per_timestep_error(ctx, lambda x, t, c: qunet(x, t, c), cfg)
+        feeds: list = []
+        rows = per_timestep_error(ctx, lambda x, t, c: qunet(x, t, c), cfg, feeds)
         metrics["per_timestep"] = {"samples": min(cfg.num_samples, cfg.per_timestep_samples), **summarize_steps(rows),
                                    "rows": rows}
         plot_per_timestep({"quantized vs FP": rows}, out / "per_timestep_error.png",
                           title="quantized vs FP noise prediction on FP's trajectory")
+        if cfg.blame:
+            metrics["blame"] = blame(qunet, rows, feeds, cfg.blame_steps, ctx.progress)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     summary = dict(metrics)  # for the manifest and the console: the per-step rows stay in metrics.json
     if "per_timestep" in summary:
         summary["per_timestep"] = {k: v for k, v in summary["per_timestep"].items() if k != "rows"}
+    if "blame" in summary:
+        summary["blame"] = {q["name"]: round(q["error_share"], 4) for q in summary["blame"]["quantizers"][:5]}
     return summary
 
 

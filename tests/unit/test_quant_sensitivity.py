@@ -5,8 +5,9 @@ import torch
 
 from questdeploy.errors import ConfigError
 from questdeploy.quest.finetune import FinetuneConfig
-from questdeploy.quant.sensitivity import choose_8bit_weights, weight_sensitivity
-from questdeploy.quant.wrap import QuantConfig
+from questdeploy.quant.quantizers import ActQuantizer
+from questdeploy.quant.sensitivity import activation_error_shares, choose_8bit_weights, weight_sensitivity
+from questdeploy.quant.wrap import QuantConfig, quantize_unet
 
 from test_quant_wrap import tiny_cond_unet
 
@@ -53,3 +54,31 @@ def test_choice_takes_largest_error_first_within_budget_in_model_order():
 def test_bad_budget_is_a_config_error(budget):
     with pytest.raises(ConfigError, match="w8-budget"):
         FinetuneConfig(w8_budget=budget)
+
+
+def _calibrated_w8a8():
+    g = torch.Generator().manual_seed(7)
+    x, cond = torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 3, 16, generator=g)
+    batches = [(x[:3], torch.full((3,), 950), cond[:3]), (x[3:], torch.full((3,), 20), cond[3:])]
+    q = quantize_unet(tiny_cond_unet(), QuantConfig(w_bits=8, a_bits=8, num_groups=2))
+    q.calibrate_activations(batches)
+    return q.eval(), batches
+
+
+def test_activation_error_shares_name_the_quantizer_that_causes_the_error():
+    q, batches = _calibrated_w8a8()
+    one, two = "up_blocks.1.resnets.0.conv2.input_quantizer", "down_blocks.0.resnets.0.conv1.input_quantizer"
+    quantizers = q.quantizers()
+    for m in quantizers.values():
+        m.enabled = False
+    with torch.no_grad():
+        feeds = [(x, t, c, q(x, t, c)) for x, t, c in batches]  # reference: the model with every quantizer off
+    quantizers[one].enabled = True
+    assert activation_error_shares(q, feeds) == {one: 1.0}  # the only error there is, and only enabled ones are scored
+    assert quantizers[one].enabled  # switched back on
+    quantizers[two].enabled = True
+    with torch.no_grad():
+        quantizers[two].scales.mul_(0.02)  # a badly clipped input: it must carry nearly all of the error
+    shares = activation_error_shares(q, feeds)
+    assert set(shares) == {one, two} and isinstance(quantizers[two], ActQuantizer)
+    assert shares[two] > 0.9 > 0.1 > shares[one]

@@ -118,6 +118,24 @@ def test_eval_quantized_compares_with_fp(ctx):
     assert "rows" not in res.summary["per_timestep"]  # the manifest and the console get the summary only
 
 
+def test_eval_blame_ranks_activation_quantizers_at_the_worst_steps(ctx):
+    _calibrate(ctx)
+    run_stage(ctx, finetune.STAGE, FinetuneConfig(method="ptq", bits="w8a8", **TINY_FT))
+    cfg = evaluate.EvalConfig(num_samples=8, steps=4, batch_size=8, quantized=True, blame=True)
+    res = run_stage(ctx, evaluate.STAGE_QUANT, cfg)
+    m = json.loads((res.outputs / "metrics.json").read_text())
+    rows = m["per_timestep"]["rows"]
+    worst = sorted(rows, key=lambda r: r["rel_l2"], reverse=True)[:2]
+    assert sorted(m["blame"]["timesteps"]) == sorted(r["timestep"] for r in worst)
+    shares = [q["error_share"] for q in m["blame"]["quantizers"]]
+    assert shares == sorted(shares, reverse=True) and shares[0] > 0
+    assert all(q["name"].endswith("quantizer") for q in m["blame"]["quantizers"])
+    assert len(res.summary["blame"]) == min(5, len(shares))
+    with pytest.raises(ConfigError, match="--blame") as err:
+        evaluate.EvalConfig(blame=True)
+    assert "--quantized" in err.value.hint
+
+
 def test_per_timestep_error_feeds_both_models_the_fp_trajectory(ctx):
     cfg = evaluate.EvalConfig(num_samples=6, steps=4, per_timestep_samples=4)
     fp = ctx.model.unet
