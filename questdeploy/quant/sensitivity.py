@@ -84,7 +84,7 @@ def activation_error_shares(qunet: nn.Module, batches: Iterable[tuple], progress
     (leave-one-out). Shares do not add up to 1 (errors interact) and may be negative.
 
     Why: after finetuning, a few quantizers usually carry most of what is left (on the default model at W4A4,
-    seven full-resolution ResNet conv inputs carry 66 % of the error at the last two sampler steps); this names
+    seven full-resolution ResNet conv inputs carry 61 % of quest's error at the last two sampler steps); this names
     them. ``batches`` yield ``(sample, timestep, cond, eps_ref)``; each batch's timestep selects its group.
     """
     inputs = list(batches)

@@ -34,7 +34,8 @@ class EvalConfig:
 
     def __post_init__(self):
         if min(self.num_samples, self.steps, self.batch_size, self.per_timestep_samples, self.blame_steps) < 1:
-            raise ConfigError("--num-samples, --steps, --batch-size (and per_timestep_samples, blame_steps) must be positive.", hint="e.g. --num-samples 500 --steps 25.")
+            raise ConfigError("--num-samples, --steps, --batch-size (and per_timestep_samples, blame_steps) must be positive.",
+                              hint="e.g. --num-samples 500 --steps 25.")
         if self.blame and not self.quantized:
             raise ConfigError("--blame ranks the quantized model's activation quantizers.", hint="add --quantized.")
 
@@ -136,7 +137,7 @@ def execute(ctx: StageContext, cfg: EvalConfig, out: Path) -> dict:
         save_grid(both, out / "compare_fp_vs_quantized.png", nrow=20)
         from ..export.verify import plot_per_timestep, summarize_steps
 
-        feeds: list = []
+        feeds: list | None = [] if cfg.blame else None
         rows = per_timestep_error(ctx, lambda x, t, c: qunet(x, t, c), cfg, feeds)
         metrics["per_timestep"] = {"samples": min(cfg.num_samples, cfg.per_timestep_samples), **summarize_steps(rows),
                                    "rows": rows}
