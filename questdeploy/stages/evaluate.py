@@ -18,7 +18,8 @@ import torch
 from ..errors import ConfigError
 from ..images import save_grid
 from ..metrics import frechet_distance, psnr
-from ..sampling import batched_sample, ddim_sample, initial_noise, unet_eps_fn
+from ..runners.base import CONTEXT, SAMPLE, TIMESTEP
+from ..sampling import batched_sample, initial_noise, unet_eps_fn
 from .base import Stage, StageContext
 
 
@@ -73,36 +74,35 @@ def generate(ctx: StageContext, eps_fn, cfg: EvalConfig, desc: str) -> tuple[tor
     return images, labels
 
 
-def per_timestep_error(ctx: StageContext, eps_fn, cfg: EvalConfig, feeds: list | None = None) -> list[dict]:
-    """``eps_fn``'s noise prediction against the FP UNet's at every DDIM step of FP's own trajectory (teacher
-    forcing: the errors do not compound), on the first ``cfg.per_timestep_samples`` evaluation samples (same
-    noise and labels). One row per step: timestep, relative L2, cosine, max-abs. ``feeds``, if given, receives
-    each step's ``(sample, timestep, cond, FP eps)``."""
-    from ..export.verify import compare_arrays
+def per_timestep_error(ctx: StageContext, test, cfg: EvalConfig) -> tuple[list[dict], list[dict]]:
+    """The ``test`` runner's noise prediction against the FP UNet's at every DDIM step of FP's own trajectory
+    (teacher forcing: the errors do not compound), on the first ``cfg.per_timestep_samples`` evaluation samples
+    (same noise and labels): verify's per-timestep comparison, run on the PyTorch models. Returns the rows
+    (timestep, relative L2, cosine, max-abs) and the feeds, one per step."""
+    from ..export.verify import per_timestep_errors, trajectory_feeds
+    from ..runners.torch_runner import TorchRunner
 
     _, cond, noise = _eval_inputs(ctx, cfg, min(cfg.num_samples, cfg.per_timestep_samples))
-    rows = []
-
-    def on_step(_i, t, x, eps_fp):
-        t_batch = t.expand(x.shape[0]) if t.ndim == 0 else t
-        eps_q = eps_fn(x, t_batch, cond)
-        if feeds is not None:
-            feeds.append((x, t_batch, cond, eps_fp))
-        rows.append({"timestep": float(t), **compare_arrays(eps_fp.cpu().numpy(), eps_q.detach().cpu().numpy())})
-
-    ddim_sample(unet_eps_fn(ctx.model.unet), ctx.model.scheduler_config, noise, cond, cfg.steps, on_step=on_step)
-    return rows
+    fp = TorchRunner(ctx.model.unet, "fp")
+    feeds = trajectory_feeds(fp, ctx.model.scheduler_config, noise, cond, cfg.steps)
+    return per_timestep_errors(fp, test, feeds), feeds
 
 
-def blame(qunet, rows: list[dict], feeds: list, steps: int, progress: bool = False, top: int = 20) -> dict:
+def blame(ctx: StageContext, qunet, rows: list[dict], feeds: list[dict], steps: int, top: int = 20) -> dict:
     """The activation quantizers that cost most at the ``steps`` sampler steps with the largest error
-    (leave-one-out shares, ``quant/sensitivity.py``), largest first: where higher precision would pay."""
+    (leave-one-out shares against FP, ``quant/sensitivity.py``), largest first: where higher precision would pay."""
     from ..quant.sensitivity import activation_error_shares
 
-    worst = sorted(range(len(rows)), key=lambda i: rows[i]["rel_l2"], reverse=True)[:steps]
-    shares = activation_error_shares(qunet, [feeds[i] for i in sorted(worst)], progress=progress)
+    worst = sorted(sorted(range(len(rows)), key=lambda i: rows[i]["rel_l2"], reverse=True)[:steps])
+    fp_eps, batches = unet_eps_fn(ctx.model.unet), []
+    with torch.no_grad():
+        for feed in (feeds[i] for i in worst):
+            x, t = torch.from_numpy(feed[SAMPLE]), torch.from_numpy(feed[TIMESTEP])
+            c = torch.from_numpy(feed[CONTEXT]) if CONTEXT in feed else None
+            batches.append((x, t, c, fp_eps(x, t, c)))
+    shares = activation_error_shares(qunet, batches, progress=ctx.progress)
     ranked = sorted(shares.items(), key=lambda kv: kv[1], reverse=True)[:top]
-    return {"timesteps": [rows[i]["timestep"] for i in sorted(worst)],
+    return {"timesteps": [rows[i]["timestep"] for i in worst],
             "quantizers": [{"name": n, "error_share": s} for n, s in ranked]}
 
 
@@ -127,7 +127,7 @@ def execute(ctx: StageContext, cfg: EvalConfig, out: Path) -> dict:
 
         qunet = load_checkpoint(ctx.model.unet, ctx.run.stage_dir("finetune") / "checkpoint")
         qunet.eval()
-        q_images, _ = generate(ctx, lambda x, t, c: qunet(x, t, c), cfg, "sampling (quantized)")
+        q_images, _ = generate(ctx, qunet, cfg, "sampling (quantized)")
         p = psnr(q_images, fp_images)
         metrics["quantized"] = {"psnr_vs_fp_db": round(p.mean().item(), 3), "psnr_vs_fp_min_db": round(p.min().item(), 3)}
         if digit:
@@ -137,14 +137,14 @@ def execute(ctx: StageContext, cfg: EvalConfig, out: Path) -> dict:
         save_grid(both, out / "compare_fp_vs_quantized.png", nrow=20)
         from ..export.verify import plot_per_timestep, summarize_steps
 
-        feeds: list | None = [] if cfg.blame else None
-        rows = per_timestep_error(ctx, lambda x, t, c: qunet(x, t, c), cfg, feeds)
-        metrics["per_timestep"] = {"samples": min(cfg.num_samples, cfg.per_timestep_samples), **summarize_steps(rows),
-                                   "rows": rows}
+        from ..runners.torch_runner import TorchRunner
+
+        rows, feeds = per_timestep_error(ctx, TorchRunner(qunet, "quantized"), cfg)
+        metrics["per_timestep"] = {"samples": len(feeds[0][SAMPLE]), **summarize_steps(rows), "rows": rows}
         plot_per_timestep({"quantized vs FP": rows}, out / "per_timestep_error.png",
                           title="quantized vs FP noise prediction on FP's trajectory")
         if cfg.blame:
-            metrics["blame"] = blame(qunet, rows, feeds, cfg.blame_steps, ctx.progress)
+            metrics["blame"] = blame(ctx, qunet, rows, feeds, cfg.blame_steps)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     summary = dict(metrics)  # for the manifest and the console: the per-step rows stay in metrics.json
     if "per_timestep" in summary:

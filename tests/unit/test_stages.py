@@ -137,17 +137,19 @@ def test_eval_blame_ranks_activation_quantizers_at_the_worst_steps(ctx):
 
 
 def test_per_timestep_error_feeds_both_models_the_fp_trajectory(ctx):
+    from questdeploy.runners.torch_runner import TorchRunner
+
     cfg = evaluate.EvalConfig(num_samples=6, steps=4, per_timestep_samples=4)
     fp = ctx.model.unet
-    same = evaluate.per_timestep_error(ctx, lambda x, t, c: fp(x, t, encoder_hidden_states=c).sample, cfg)
-    assert len(same) == 4 and all(r["rel_l2"] == 0.0 and r["max_abs"] == 0.0 for r in same)
+    same, feeds = evaluate.per_timestep_error(ctx, TorchRunner(fp), cfg)
+    assert len(same) == len(feeds) == 4 and all(r["rel_l2"] == 0.0 and r["max_abs"] == 0.0 for r in same)
     seen = []
 
-    def shifted(x, t, c):
-        seen.append((x.shape[0], int(t[0])))
-        return fp(x, t, encoder_hidden_states=c).sample + 0.01
+    def shifted(sample, timestep, encoder_hidden_states):
+        seen.append((sample.shape[0], int(timestep[0])))
+        return fp(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample + 0.01
 
-    rows = evaluate.per_timestep_error(ctx, shifted, cfg)
+    rows, _ = evaluate.per_timestep_error(ctx, TorchRunner(shifted), cfg)
     assert [b for b, _ in seen] == [4] * 4 and [t for _, t in seen] == [r["timestep"] for r in rows]
     assert all(r["max_abs"] == pytest.approx(0.01, rel=1e-4) for r in rows)
 
