@@ -221,6 +221,10 @@ def finetune_options(f):
         click.option("--smooth-alpha", type=float, default=None,
                      help="Input smoothing of the ResNet convs (channel ranges moved into the weights), 0..1; "
                           "0 = off [default: 0.85 with 4-bit activations, else off]."),
+        click.option("--channel-shift/--no-channel-shift", default=None,
+                     help="Centre each input channel of the smoothed ResNet convs per timestep group before their "
+                          "4-bit activation quantizer (exported as Sub/Add around the Q/DQ pair; onnxruntime only) "
+                          "[default: on with 4-bit activations]."),
         click.option("--device", default=_FT.device, show_default=True,
                      help="Where initialisation and finetuning run: cpu, cuda or cuda:N. The checkpoint is the same "
                           "format either way; GPU numerics differ from the CPU's in the last bits."),

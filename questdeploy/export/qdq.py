@@ -75,6 +75,7 @@ class ActParams:
     signed: bool
     scales: np.ndarray  # (G,) float32
     enabled: bool = True
+    shifts: np.ndarray | None = None  # (G, *row shape broadcasting against the input) float32, or None
 
 
 @dataclass
@@ -101,8 +102,15 @@ def params_from_quantizer(key: str, q) -> ActParams | WeightParams:
 
         return WeightParams(key, int(q.bits), q.scale.detach().float().cpu().numpy().astype(np.float32), block, int_fn, enabled)
     if hasattr(q, "scales"):
+        shifts = getattr(q, "shifts", None)
+        if shifts is not None:  # rows shaped to broadcast: (1, C, 1, 1) for a conv input, (C,) along the last axis
+            G, C = shifts.shape
+            row = (1, C, 1, 1) if q.shift_axis == 1 else (C,)
+            if q.shift_axis not in (1, -1):
+                raise LoweringError(f"{key}: channel shifts along axis {q.shift_axis} have no export form")
+            shifts = shifts.detach().float().cpu().numpy().astype(np.float32).reshape(G, *row)
         return ActParams(key, int(q.bits), bool(getattr(q, "signed", True)),
-                         q.scales.detach().float().cpu().numpy().astype(np.float32).reshape(-1), enabled)
+                         q.scales.detach().float().cpu().numpy().astype(np.float32).reshape(-1), enabled, shifts)
     raise LoweringError(f"{key}: {type(q).__name__} is neither a weight nor an activation quantizer")
 
 
@@ -310,6 +318,17 @@ def lower(
         group_tensor.append(gi)
         return gi
 
+    def channel_shift(key: str, shifts: np.ndarray) -> str:
+        """The current group's row of a shift table (a constant when there is one group)."""
+        if shifts.shape[0] == 1:
+            return const(shifts[0], f"{key}.shift")
+        if shifts.shape[0] != G:
+            raise LoweringError(f"{key}: {shifts.shape[0]} shift rows but {G} timestep groups")
+        table = const(shifts, f"{key}.shift_table")
+        o = names.new(f"{key}.shift")
+        head.append(helper.make_node("Gather", [table, group()], [o], axis=0, name=names.new(f"{key}/GatherShift")))
+        return o
+
     def runtime_scale(key: str, scales: np.ndarray) -> str:
         table = const(scales.astype(np.float32), f"{key}.scale_table")
         s = names.new(f"{key}.scale")
@@ -350,10 +369,18 @@ def lower(
         zp = const(np.array(zp_val), f"{key}.zero_point", elem)
         q = names.new(f"{key}.q")
         nodes: list[onnx.NodeProto] = []
-        if form == "ort" or not runtime:
+        shifted = p.shifts is not None
+        qin = x
+        if shifted:  # x - shift[g] -> Q -> DQ -> + shift[g]: the Add keeps the DQ from feeding the layer directly
+            if form == "trt":
+                report.trt_violations.append(f"{key}: channel shifts have no TensorRT form (exported as Sub / Add)")
+            o = channel_shift(key, p.shifts)
+            qin = names.new(f"{key}.shifted")
+            nodes.append(helper.make_node("Sub", [x, o], [qin], name=names.new(f"{key}/SubShift")))
+        if form == "ort" or not runtime or shifted:
             s = runtime_scale(key, p.scales) if runtime else const(
                 np.array(static_scale(p.scales, static_reduce) if p.scales.size > 1 else p.scales[0], np.float32), f"{key}.scale")
-            nodes.append(helper.make_node("QuantizeLinear", [x, s, zp], [q], name=names.new(f"{key}/QuantizeLinear")))
+            nodes.append(helper.make_node("QuantizeLinear", [qin, s, zp], [q], name=names.new(f"{key}/QuantizeLinear")))
             dq_scale = s
         else:  # trt with a runtime scale: Div by s[g], unit-scale Q/DQ, s[g] re-applied after the layer
             s = runtime_scale(key, p.scales)
@@ -365,6 +392,14 @@ def lower(
         # sink the DQ below layout-only ops (Transpose / Reshape / ...) that lead to the consumer, so every
         # Conv / MatMul input comes straight from a DequantizeLinear (also what onnxruntime's QDQ fusion
         # wants; its own propagation of DQ through Transpose breaks on int8 at opset 21)
+        if shifted:
+            dq = names.new(f"{key}.dq")
+            nodes += [helper.make_node("DequantizeLinear", [q, dq_scale, zp], [dq], name=names.new(f"{key}/DequantizeLinear")),
+                      helper.make_node("Add", [dq, o], [y], name=names.new(f"{key}/AddShift"))]
+            report.quant_tensors[key] = {"tensor": dq, "unit_scale": False, "x": qin, "q": q, "q_type": int(elem),
+                                         "zero_point": int(zp_val), "bits": int(p.bits), "signed": bool(p.signed),
+                                         "sunk": False, "out": y}
+            continue
         cur, final, last = q, y, nodes
         if elem not in (TensorProto.INT4, TensorProto.UINT4):
             while True:

@@ -252,7 +252,9 @@ def per_layer_compare(onnx_path, qunet, feed: dict, optimization: str = "off", t
     # read the integer Q output where it is readable (8/16-bit): it sits at the quantizer's position even
     # when the DQ was sunk below a Transpose / Reshape; INT4 tensors cannot be fetched, so use the DQ there
     use_q = {k: qt[k].get("q") is not None and qt[k].get("bits", 8) > 4 for k in qt}
-    fetch = {k: (qt[k]["q"] if use_q[k] else qt[k]["tensor"]) for k in qt}
+    # a channel-shifted quantizer's output is its DQ plus the shift ("out"), which is what PyTorch's quantizer returns
+    use_q = {k: use_q[k] and not qt[k].get("out") for k in qt}
+    fetch = {k: (qt[k]["q"] if use_q[k] else qt[k].get("out") or qt[k]["tensor"]) for k in qt}
     keys = sorted(qt, key=lambda k: order.get(fetch[k], 1 << 30))
     ext = with_outputs(model, [fetch[k] for k in keys],
                        {qt[k]["q"]: qt[k].get("q_type", onnx.TensorProto.UINT8) for k in keys if use_q[k]})

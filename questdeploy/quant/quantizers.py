@@ -266,6 +266,14 @@ class ActQuantizer(nn.Module):
     either into an EMA of per-batch values. ``"mse"`` keeps the running max plus a strided subsample of
     each group's values and picks the clipping ``scale`` that minimises the quantization MSE on it: at 4
     bits the max wastes most of the 15 levels on rare outliers.
+
+    ``shift_channels > 0`` adds a ``(G, C)`` buffer ``shifts``: one offset per timestep group and input channel
+    (channels along ``shift_axis``), subtracted before rounding and added back after, so each channel's range is
+    centred on the symmetric grid (Outlier Suppression+'s channel shift). A SiLU output spans about
+    [-0.28, max]: centred, a 4-bit grid spends its levels on that span instead of half of them on negatives
+    that never occur. Set by a range pass (``range_pass = True`` while observing, then ``init_shifts()``)
+    before the scales are observed on the shifted values. Zero point stays 0; exports as ``Sub`` / ``Add``
+    of a gathered row around the Q/DQ pair (an onnxruntime form: TensorRT has no 4-bit activations anyway).
     """
 
     MSE_SAMPLES = 16384  # values kept per group for the "mse" observer (strided, deterministic)
@@ -280,6 +288,8 @@ class ActQuantizer(nn.Module):
         percentile: float = 0.9999,
         momentum: float | None = None,
         allowed_bits=SUPPORTED_BITS,
+        shift_channels: int = 0,
+        shift_axis: int = 1,
     ):
         super().__init__()
         self.bits = _check_bits(bits, "activation", allowed_bits)
@@ -294,6 +304,12 @@ class ActQuantizer(nn.Module):
         self._group = 0
         self._stats: dict[int, tuple[float, int]] = {}
         self._samples: dict[int, torch.Tensor] = {}
+        if isinstance(shift_channels, bool) or not isinstance(shift_channels, int) or shift_channels < 0:
+            raise QuantConfigError(f"shift_channels must be an int >= 0, got {shift_channels!r}", hint="0 = no shift")
+        self.shift_axis = int(shift_axis)
+        self.register_buffer("shifts", torch.zeros(num_groups, shift_channels) if shift_channels else None)
+        self.range_pass = False
+        self._ranges: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- properties ------------------------------------------------------------------------------
     @property
@@ -337,11 +353,70 @@ class ActQuantizer(nn.Module):
         if hook is not None:
             return hook(self, x)
         if self.observing:
-            self.observe(x)
+            if self.range_pass:
+                if self.shifts is not None:
+                    self.observe_ranges(x)
+            else:
+                self.observe(x if self.shifts is None else x - self.shift_of(x))
             return x
         if not self.enabled:
             return x
-        return fake_quant(x, self.scales[self._group], self.bits, self.signed)
+        if self.shifts is None:
+            return fake_quant(x, self.scales[self._group], self.bits, self.signed)
+        o = self.shift_of(x)
+        return fake_quant(x - o, self.scales[self._group], self.bits, self.signed) + o
+
+    # ---- channel shift ---------------------------------------------------------------------------
+    def _channel_axis(self, x: torch.Tensor) -> int:
+        axis = self.shift_axis % x.dim()
+        if x.shape[axis] != self.shifts.shape[1]:
+            raise QuantConfigError(
+                f"{self.name or 'activation quantizer'}: {self.shifts.shape[1]} channel shifts for an input with "
+                f"{x.shape[axis]} channels on axis {self.shift_axis}",
+                hint="the shift table must come from the same layer (rebuild the model from its spec)",
+            )
+        return axis
+
+    def shift_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The current group's shifts, shaped to broadcast against ``x``."""
+        axis = self._channel_axis(x)
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        return self.shifts[self._group].view(shape).to(x.dtype)
+
+    @torch.no_grad()
+    def observe_ranges(self, x: torch.Tensor, group: int | None = None) -> None:
+        """Record each channel's min and max of ``x`` for ``group`` (default: the current group)."""
+        g = self._group if group is None else int(group)
+        axis = self._channel_axis(x)
+        v = x.detach().float().movedim(axis, 0).reshape(x.shape[axis], -1)
+        lo, hi = torch.aminmax(v, dim=1)
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise CalibrationError(f"{self.name or 'activation quantizer'}: non-finite activations while measuring "
+                                   "channel ranges", hint="check the calibration data for NaN/Inf")
+        if g in self._ranges:
+            lo, hi = torch.minimum(self._ranges[g][0], lo), torch.maximum(self._ranges[g][1], hi)
+        self._ranges[g] = (lo, hi)
+
+    @torch.no_grad()
+    def init_shifts(self) -> list[int]:
+        """``shifts[g]`` = the midpoint of each channel's observed range; unobserved groups copy the nearest
+        observed one. Returns the groups filled from a neighbour; clears the recorded ranges."""
+        if self.shifts is None:
+            return []
+        if not self._ranges:
+            raise CalibrationError(f"{self.name or 'activation quantizer'}: no channel ranges observed",
+                                   hint="run forward passes with observing=True and range_pass=True first")
+        observed, filled = sorted(self._ranges), []
+        for g in range(self.num_groups):
+            src = g
+            if g not in self._ranges:
+                src = min(observed, key=lambda o: (abs(o - g), o))
+                filled.append(g)
+            lo, hi = self._ranges[src]
+            self.shifts[g] = 0.5 * (lo + hi).to(self.shifts)
+        self._ranges = {}
+        return filled
 
     # ---- calibration -----------------------------------------------------------------------------
     def set_observer(self, observer: str = "absmax", percentile: float = 0.9999, momentum: float | None = None):
@@ -468,5 +543,5 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, bits={self.bits}, signed={self.signed}, groups={self.num_groups}, "
-            f"enabled={self.enabled}"
+            f"enabled={self.enabled}" + (f", shift_channels={self.shifts.shape[1]}" if self.shifts is not None else "")
         )

@@ -88,6 +88,8 @@ class QuantizerSpec:
     scales: list[float] | None = None  # activation scale table, one per timestep group
     enabled: bool = True
     note: str = ""
+    shift_channels: int = 0  # activations: per-group channel shifts (a (G, C) table in model.safetensors); 0 = none
+    shift_axis: int | None = None  # the input's channel axis the shifts run along
 
     def __post_init__(self):
         where = f"quantizer {self.name!r}"
@@ -110,6 +112,8 @@ class QuantizerSpec:
                 raise SpecError(f"{where}: weights are per_channel or per_block", hint="set granularity accordingly")
             if self.scales is not None:
                 raise SpecError(f"{where}: weight scales live in model.safetensors", hint="set scales to null")
+            if self.shift_channels:
+                raise SpecError(f"{where}: channel shifts belong to activation quantizers", hint="set shift_channels to 0")
         else:
             if self.granularity != "per_tensor":
                 raise SpecError(
@@ -121,6 +125,10 @@ class QuantizerSpec:
                     f"{where}: the activation scale table must have shape[0]={self.shape} entries",
                     hint="write one scale per timestep group",
                 )
+            if isinstance(self.shift_channels, bool) or not isinstance(self.shift_channels, int) or self.shift_channels < 0:
+                raise SpecError(f"{where}: shift_channels={self.shift_channels!r}", hint="a channel count, 0 for no shift")
+            if self.shift_channels and not isinstance(self.shift_axis, int):
+                raise SpecError(f"{where}: channel shifts need shift_axis", hint="1 for a conv input, -1 for a linear one")
             self.scales = [float(s) for s in self.scales]
             if not all(math.isfinite(s) and s > 0 for s in self.scales):
                 raise SpecError(f"{where}: scales must be finite and > 0, got {self.scales}", hint="re-run calibration")
@@ -259,6 +267,8 @@ def _entry(name: str, q: nn.Module, note: str = "") -> QuantizerSpec:
     return QuantizerSpec(
         name=name, kind="activation", bits=q.bits, signed=q.signed, shape=[q.num_groups], layer=layer, role=role,
         scales=[float(s) for s in q.scales.detach().float().cpu()], enabled=q.enabled, note=note, **g,
+        shift_channels=0 if q.shifts is None else int(q.shifts.shape[1]),
+        shift_axis=None if q.shifts is None else q.shift_axis,
     )
 
 
@@ -281,7 +291,8 @@ def spec_from_model(qunet: QuantizedUNet, meta: dict | None = None) -> QuantSpec
     )
 
 
-_STRUCT_FIELDS = ("kind", "bits", "signed", "granularity", "axis", "block_size", "shape", "layer", "role")
+_STRUCT_FIELDS = ("kind", "bits", "signed", "granularity", "axis", "block_size", "shape", "layer", "role",
+                  "shift_channels", "shift_axis")
 
 
 def check_matches(spec: QuantSpec, qunet: QuantizedUNet) -> None:

@@ -79,6 +79,9 @@ class QuantConfig:
       it, so the float function is unchanged while the per-tensor activation quantizer sees flatter channels;
       ``s_c = amax(x_c)^alpha / amax(W_c)^(1 - alpha)`` from calibration (``compute_smoothing``). ``None``: off.
       It exports as a constant per-channel ``Div`` before the layer's QuantizeLinear.
+    * ``channel_shift``: the 4-bit input quantizers of the ``smooth_layers`` also centre each input channel per
+      timestep group (``ActQuantizer.shifts``, set from calibration ranges) before rounding. onnxruntime
+      targets only: it exports as ``Sub`` / ``Add`` around the Q/DQ pair.
     * ``method`` / ``target``: recorded in the spec (``target`` in ``ort``/``trt``/``torch``).
     """
 
@@ -103,6 +106,7 @@ class QuantConfig:
     act_momentum: float | None = None
     smooth_alpha: float | None = None
     smooth_layers: tuple[str, ...] = ("*resnets.*.conv1", "*resnets.*.conv2", "*resnets.*.conv_shortcut")
+    channel_shift: bool = False
     method: str = "ptq"
     target: str = "ort"
 
@@ -168,6 +172,13 @@ class QuantConfig:
             raise UnsupportedBitsError(
                 "TensorRT has no INT4 activations (INT4 is weight-only there)",
                 hint="use a_bits=8 (W4A8 / W8A8) or a_bits=None (W4A16) for target='trt', or target='ort'",
+            )
+        if not isinstance(self.channel_shift, bool):
+            raise QuantConfigError(f"channel_shift={self.channel_shift!r} must be true or false", hint="e.g. false")
+        if self.channel_shift and self.target == "trt":
+            raise QuantConfigError(
+                "channel_shift has no TensorRT form (it only serves 4-bit activations, which TensorRT lacks)",
+                hint="use target='ort', or channel_shift=False",
             )
         return self
 
@@ -404,6 +415,11 @@ class QuantizedUNet(nn.Module):
         cfg = self.quant_config
         if init_weights:
             self.init_weight_scales(weight_method)
+        shifted = [q for q in self._act if q.shifts is not None]
+        if shifted:  # channel shifts first: the scales are then observed on the shifted values
+            batches = list(batches)
+            if batches:
+                self._observe_ranges(batches, shifted)
         for q in self._act:
             q.reset_observations()
             q.set_observer(
@@ -424,6 +440,21 @@ class QuantizedUNet(nn.Module):
         for q in self._act:
             filled.update(q.init_scales())
         return {"batches": n, "groups_seen": sorted(seen), "groups_filled": sorted(filled)}
+
+    @torch.no_grad()
+    def _observe_ranges(self, batches: list, shifted: list[ActQuantizer]) -> None:
+        for q in self._act:
+            q.range_pass = True
+        try:
+            with self.observing():
+                for batch in batches:
+                    sample, timestep, cond = (tuple(batch) + (None,))[:3]
+                    self(sample, timestep, cond)
+        finally:
+            for q in self._act:
+                q.range_pass = False
+        for q in shifted:
+            q.init_shifts()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,9 +495,11 @@ def quantize_unet(unet: nn.Module, config: QuantConfig | None = None, *, inplace
         iq = None
         if config.a_bits is not None:
             bits = 8 if matches_any(name, config.act_8bit) else config.a_bits
+            shift = config.channel_shift and bits == 4 and smoothable(name, mod, config.smooth_layers)
             iq = ActQuantizer(
                 G, bits, signed=True, observer=config.act_observer, percentile=config.act_percentile,
-                momentum=config.act_momentum,
+                momentum=config.act_momentum, shift_channels=mod.weight.shape[1] if shift else 0,
+                shift_axis=1 if isinstance(mod, nn.Conv2d) else -1,
             )
         _LAYER_TYPES[type(mod)].from_float(mod, wq, iq)
         if config.smooth_alpha is not None and smoothable(name, mod, config.smooth_layers):

@@ -100,6 +100,8 @@ class FinetuneConfig:
     checkpoint_every: int = 25         # iterations between resume points (0 = never)
     device: str = "cpu"                # torch device of initialisation and training ("cuda", "cuda:1")
     smooth_alpha: float | None = None  # input smoothing strength; None: SMOOTH_ALPHA_4BIT at 4-bit activations, else off
+    channel_shift: bool | None = None  # per-group channel shifts before the smoothed layers' 4-bit input quantizers;
+                                       # None: on with 4-bit activations (QuantConfig.channel_shift)
     policy: SelectionPolicy = field(default_factory=SelectionPolicy)
 
     def __post_init__(self):
@@ -132,6 +134,12 @@ class FinetuneConfig:
         if isinstance(self.smooth_alpha, bool) or not 0.0 <= float(self.smooth_alpha) <= 1.0:
             raise ConfigError(f"--smooth-alpha {self.smooth_alpha!r} is out of range.",
                               hint="use a value in [0, 1], e.g. 0.7; 0 turns input smoothing off.")
+        if self.channel_shift is None:
+            self.channel_shift = a_bits == 4 and self.target != "trt"
+        if not isinstance(self.channel_shift, bool):
+            raise ConfigError(f"channel_shift={self.channel_shift!r} must be true or false.", hint="e.g. --no-channel-shift.")
+        if self.channel_shift and self.target == "trt":
+            raise ConfigError("--channel-shift has no TensorRT form.", hint="use --target ort, or --no-channel-shift.")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ConfigError(f"unknown --weight-rounding {self.weight_rounding!r}.",
                               hint=f"use one of {', '.join(WEIGHT_ROUNDINGS)}.")
@@ -144,7 +152,8 @@ class FinetuneConfig:
         gran = self.weight_granularity if w == 4 else "per_channel"
         return QuantConfig(w_bits=w, a_bits=a, weight_granularity=gran, block_size=self.block_size,
                            num_groups=self.num_groups, num_train_timesteps=num_train_timesteps,
-                           method=self.method, target=self.target, smooth_alpha=self.smooth_alpha or None)
+                           method=self.method, target=self.target, smooth_alpha=self.smooth_alpha or None,
+                           channel_shift=self.channel_shift and a == 4)
 
 
 def check_device(device: str) -> torch.device:
