@@ -2,6 +2,7 @@
 a minute per row, no sampling) for choices that come before finetuning.
 
     python benchmarks/bench_ptq_error.py --run-dir runs/bench-quest/base --bits w4a4 --smooth-alpha 0,0.3,0.5,0.7
+    python benchmarks/bench_ptq_error.py --run-dir runs/base --bits w4a4 --smooth-alpha 0.85 --no-channel-shift
 
 The error is the relative MSE of the PTQ model's noise prediction against the FP teacher's, on the last 32
 calibration samples of every recorded step (the initialisation uses the first 16-64).
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", type=Path, default=Path("runs/default"))
     ap.add_argument("--bits", default="w4a4")
     ap.add_argument("--smooth-alpha", default="0,0.7", help="comma-separated values to sweep")
+    ap.add_argument("--no-channel-shift", action="store_true", help="turn the 4-bit channel shifts off (default: on at A4)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     model = load_model(None)
@@ -49,7 +51,8 @@ def main(argv=None) -> int:
     print("|---|---|---|")
     for alpha in (float(v) for v in a.smooth_alpha.split(",")):
         t0 = time.time()
-        q = initialise(model.unet, calib, FinetuneConfig(method="ptq", bits=a.bits, smooth_alpha=alpha),
+        q = initialise(model.unet, calib, FinetuneConfig(method="ptq", bits=a.bits, smooth_alpha=alpha,
+                                                     channel_shift=False if a.no_channel_shift else None),
                        model.num_train_timesteps)
         print(f"| {alpha:g} | {relative_error(q, calib):.5f} | {time.time() - t0:.0f} |", flush=True)
     return 0
