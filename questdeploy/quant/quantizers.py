@@ -253,6 +253,11 @@ class WeightQuantizer(nn.Module):
 # activation quantizer
 
 
+def _nearest_observed(g: int, observed) -> int:
+    """``g`` itself if it was observed, else the nearest observed group (the lower one on a tie)."""
+    return g if g in observed else min(observed, key=lambda o: (abs(o - g), o))
+
+
 class ActQuantizer(nn.Module):
     """Per-tensor activation fake-quantizer with a table of scales, one per timestep group.
 
@@ -407,11 +412,10 @@ class ActQuantizer(nn.Module):
         if not self._ranges:
             raise CalibrationError(f"{self.name or 'activation quantizer'}: no channel ranges observed",
                                    hint="run forward passes with observing=True and range_pass=True first")
-        observed, filled = sorted(self._ranges), []
+        filled = []
         for g in range(self.num_groups):
-            src = g
-            if g not in self._ranges:
-                src = min(observed, key=lambda o: (abs(o - g), o))
+            src = _nearest_observed(g, self._ranges)
+            if src != g:
                 filled.append(g)
             lo, hi = self._ranges[src]
             self.shifts[g] = 0.5 * (lo + hi).to(self.shifts)
@@ -527,12 +531,10 @@ class ActQuantizer(nn.Module):
                 f"{self.name or 'activation quantizer'}: no data observed",
                 hint="run forward passes with observing=True (QuantizedUNet.calibrate_activations) before init_scales()",
             )
-        observed = sorted(self._stats)
         filled = []
         for g in range(self.num_groups):
-            src = g
-            if g not in self._stats:
-                src = min(observed, key=lambda o: (abs(o - g), o))
+            src = _nearest_observed(g, self._stats)
+            if src != g:
                 filled.append(g)
             stat = self._stats[src][0]
             if self.observer == "mse" and src in self._samples:

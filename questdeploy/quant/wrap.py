@@ -427,13 +427,7 @@ class QuantizedUNet(nn.Module):
                 cfg.act_percentile if percentile is None else percentile,
                 cfg.act_momentum if momentum is None else momentum,
             )
-        n, seen = 0, set()
-        with self.observing():
-            for batch in batches:
-                sample, timestep, cond = (tuple(batch) + (None,))[:3]
-                self(sample, timestep, cond)
-                seen.add(self._group)
-                n += 1
+        n, seen = self._observe(batches)
         if n == 0:
             raise CalibrationError("calibrate_activations got no batches", hint="pass at least one (sample, t, cond) batch")
         filled = set()
@@ -441,15 +435,23 @@ class QuantizedUNet(nn.Module):
             filled.update(q.init_scales())
         return {"batches": n, "groups_seen": sorted(seen), "groups_filled": sorted(filled)}
 
+    def _observe(self, batches: Iterable) -> tuple[int, set[int]]:
+        """One observing forward per ``(sample, timestep, cond)`` batch: (batches run, groups visited)."""
+        n, seen = 0, set()
+        with self.observing():
+            for batch in batches:
+                sample, timestep, cond = (tuple(batch) + (None,))[:3]
+                self(sample, timestep, cond)
+                seen.add(self._group)
+                n += 1
+        return n, seen
+
     @torch.no_grad()
     def _observe_ranges(self, batches: list, shifted: list[ActQuantizer]) -> None:
         for q in self._act:
             q.range_pass = True
         try:
-            with self.observing():
-                for batch in batches:
-                    sample, timestep, cond = (tuple(batch) + (None,))[:3]
-                    self(sample, timestep, cond)
+            self._observe(batches)
         finally:
             for q in self._act:
                 q.range_pass = False
