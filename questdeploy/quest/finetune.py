@@ -140,6 +140,9 @@ class FinetuneConfig:
             raise ConfigError(f"channel_shift={self.channel_shift!r} must be true or false.", hint="e.g. --no-channel-shift.")
         if self.channel_shift and self.target == "trt":
             raise ConfigError("--channel-shift has no TensorRT form.", hint="use --target ort, or --no-channel-shift.")
+        if self.channel_shift and a_bits != 4:
+            raise ConfigError(f"--channel-shift needs 4-bit activations (--bits {self.bits}).",
+                              hint="use it with --bits w4a4, or leave it out.")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ConfigError(f"unknown --weight-rounding {self.weight_rounding!r}.",
                               hint=f"use one of {', '.join(WEIGHT_ROUNDINGS)}.")
@@ -153,7 +156,7 @@ class FinetuneConfig:
         return QuantConfig(w_bits=w, a_bits=a, weight_granularity=gran, block_size=self.block_size,
                            num_groups=self.num_groups, num_train_timesteps=num_train_timesteps,
                            method=self.method, target=self.target, smooth_alpha=self.smooth_alpha or None,
-                           channel_shift=self.channel_shift and a == 4)
+                           channel_shift=self.channel_shift)
 
 
 def check_device(device: str) -> torch.device:

@@ -103,6 +103,8 @@ def test_channel_shift_configuration():
     assert FinetuneConfig(bits="w4a4", channel_shift=False).quant_config(1000).channel_shift is False
     with pytest.raises(ConfigError, match="no TensorRT form"):
         FinetuneConfig(bits="w4a8", target="trt", channel_shift=True)
+    with pytest.raises(ConfigError, match="needs 4-bit activations"):
+        FinetuneConfig(bits="w4a8", channel_shift=True)
     with pytest.raises(QuantConfigError, match="channel_shift"):
         QuantConfig(w_bits=4, a_bits=8, target="trt", channel_shift=True)
 
