@@ -104,10 +104,10 @@ def params_from_quantizer(key: str, q) -> ActParams | WeightParams:
     if hasattr(q, "scales"):
         shifts = getattr(q, "shifts", None)
         if shifts is not None:  # rows shaped to broadcast: (1, C, 1, 1) for a conv input, (C,) along the last axis
-            G, C = shifts.shape
-            row = (1, C, 1, 1) if q.shift_axis == 1 else (C,)
             if q.shift_axis not in (1, -1):
                 raise LoweringError(f"{key}: channel shifts along axis {q.shift_axis} have no export form")
+            G, C = shifts.shape
+            row = (1, C, 1, 1) if q.shift_axis == 1 else (C,)
             shifts = shifts.detach().float().cpu().numpy().astype(np.float32).reshape(G, *row)
         return ActParams(key, int(q.bits), bool(getattr(q, "signed", True)),
                          q.scales.detach().float().cpu().numpy().astype(np.float32).reshape(-1), enabled, shifts)
@@ -389,17 +389,17 @@ def lower(
                       helper.make_node("QuantizeLinear", [xs, one_scale(), zp], [q], name=names.new(f"{key}/QuantizeLinear"))]
             dq_scale = one_scale()
         replace[id(node)] = nodes
-        # sink the DQ below layout-only ops (Transpose / Reshape / ...) that lead to the consumer, so every
-        # Conv / MatMul input comes straight from a DequantizeLinear (also what onnxruntime's QDQ fusion
-        # wants; its own propagation of DQ through Transpose breaks on int8 at opset 21)
-        if shifted:
+        info = {"x": qin, "q": q, "q_type": int(elem), "zero_point": int(zp_val), "bits": int(p.bits),
+                "signed": bool(p.signed)}
+        if shifted:  # the DQ feeds the Add back, never sunk; "out" is what PyTorch's quantizer returns
             dq = names.new(f"{key}.dq")
             nodes += [helper.make_node("DequantizeLinear", [q, dq_scale, zp], [dq], name=names.new(f"{key}/DequantizeLinear")),
                       helper.make_node("Add", [dq, o], [y], name=names.new(f"{key}/AddShift"))]
-            report.quant_tensors[key] = {"tensor": dq, "unit_scale": False, "x": qin, "q": q, "q_type": int(elem),
-                                         "zero_point": int(zp_val), "bits": int(p.bits), "signed": bool(p.signed),
-                                         "sunk": False, "out": y}
+            report.quant_tensors[key] = {"tensor": dq, "unit_scale": False, **info, "sunk": False, "out": y}
             continue
+        # sink the DQ below layout-only ops (Transpose / Reshape / ...) that lead to the consumer, so every
+        # Conv / MatMul input comes straight from a DequantizeLinear (also what onnxruntime's QDQ fusion
+        # wants; its own propagation of DQ through Transpose breaks on int8 at opset 21)
         cur, final, last = q, y, nodes
         if elem not in (TensorProto.INT4, TensorProto.UINT4):
             while True:
@@ -419,8 +419,7 @@ def lower(
                 final = ln.output[0]
         dq = final if (form == "ort" or not runtime) else names.new(f"{key}.dq")
         last.append(helper.make_node("DequantizeLinear", [cur, dq_scale, zp], [dq], name=names.new(f"{key}/DequantizeLinear")))
-        info = {"x": x, "q": q, "q_type": int(elem), "zero_point": int(zp_val), "bits": int(p.bits),
-                "signed": bool(p.signed), "sunk": cur != q}
+        info["sunk"] = cur != q
         if form == "ort" or not runtime:
             report.quant_tensors[key] = {"tensor": dq, "unit_scale": False, **info}
         else:
